@@ -1,0 +1,335 @@
+//! The `splitaux` command line: argument definitions and what each subcommand does.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use splitaux::backend::BackendKind;
+use splitaux::config::{ExperimentConfig, Mode};
+use splitaux::data::{self, DatasetKind, LabelSet, fetch, locate};
+use splitaux::model::{AuxKind, CutSpec};
+use splitaux::report::{self, Report, human_bytes};
+use splitaux::train::bench::{BenchConfig, bench};
+use splitaux::train::{PreparedData, RunOptions, run};
+
+/// Split learning on CIFAR: classic (coupled) versus decoupled training with an auxiliary loss,
+/// with measured accuracy, bytes across the cut and peak memory.
+#[derive(Debug, Parser)]
+#[command(name = "splitaux", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch or check the CIFAR datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train one split model (coupled or decoupled) and report on it.
+    Train(TrainArgs),
+    /// Train coupled and decoupled from identical seeds and compare them side by side.
+    Compare(TrainArgs),
+    /// Time training steps on random inputs (images/s and peak memory).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Download an official binary tarball, verify its MD5 and extract it atomically.
+    Fetch(FetchArgs),
+    /// Validate a dataset and print per-split, per-class image counts.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Which dataset.
+    #[arg(value_enum)]
+    pub dataset: DatasetKind,
+    /// Data root to extract into [default: $SPLITAUX_DATA, else data/].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Download from this address instead [env: SPLITAUX_FETCH_URL].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Expect this MD5 (hex) instead of the official one [env: SPLITAUX_FETCH_MD5].
+    #[arg(long)]
+    pub md5: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Which dataset.
+    #[arg(long, value_enum, default_value = "cifar10")]
+    pub dataset: DatasetKind,
+    /// CIFAR-100 labels to count: fine (100 classes) or coarse (20).
+    #[arg(long, default_value = "fine", value_parser = parse_labels)]
+    pub labels: LabelSet,
+    /// The dataset folder or its parent [default: $SPLITAUX_DATA, else data/].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the counts as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_labels(s: &str) -> Result<LabelSet, String> {
+    match s {
+        "fine" => Ok(LabelSet::Fine),
+        "coarse" => Ok(LabelSet::Coarse),
+        _ => Err(format!("`{s}`: use fine or coarse")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML config (see configs/); without it the built-in defaults are used.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override train.mode (train only; compare runs both).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Override any config field by its dotted path, e.g. --set model.cut=middle (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// The dataset folder or its parent; beats data.dir and $SPLITAUX_DATA.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Never download: fail if the dataset is missing.
+    #[arg(long)]
+    pub offline: bool,
+    /// Folder for the JSON report(s) [default: runs/<UTC time>-<mode>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the JSON report to stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "decoupled")]
+    pub mode: Mode,
+    /// ResNet depth (6n+2).
+    #[arg(long, default_value_t = 20)]
+    pub depth: usize,
+    /// Client blocks, or shallow, middle, deep.
+    #[arg(long, default_value = "shallow")]
+    pub cut: CutSpec,
+    /// Auxiliary head: linear, mlp or cnn.
+    #[arg(long, default_value = "linear", value_parser = parse_aux)]
+    pub aux: AuxKind,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// CPU threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, value_enum, default_value = "flex")]
+    pub backend: BackendKind,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_aux(s: &str) -> Result<AuxKind, String> {
+    match s {
+        "linear" => Ok(AuxKind::Linear),
+        "mlp" => Ok(AuxKind::Mlp),
+        "cnn" => Ok(AuxKind::Cnn),
+        _ => Err(format!("`{s}`: use linear, mlp or cnn")),
+    }
+}
+
+pub fn execute(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data(DataCommand::Fetch(args)) => data_fetch(args),
+        Command::Data(DataCommand::Check(args)) => data_check(args),
+        Command::Train(args) => train(args, false),
+        Command::Compare(args) => train(args, true),
+        Command::Bench(args) => run_bench(args),
+    }
+}
+
+fn data_fetch(args: FetchArgs) -> Result<()> {
+    let root = locate::data_root(args.data_dir.as_deref(), None);
+    let source = fetch::Source::resolve(args.dataset, args.url, args.md5);
+    let interactive = std::io::stderr().is_terminal();
+    eprintln!("fetching {} from {}", args.dataset.name(), source.url);
+    let dir = fetch::fetch(args.dataset, &root, &source, interactive)?;
+    println!("{} ready in {}", args.dataset.name(), dir.display());
+    Ok(())
+}
+
+fn data_check(args: CheckArgs) -> Result<()> {
+    let root = locate::data_root(args.data_dir.as_deref(), None);
+    let cifar = data::open(args.dataset, args.labels, &root, true, false)?;
+    let classes = cifar.num_classes();
+    let train = cifar.train.class_counts(classes);
+    let test = cifar.test.class_counts(classes);
+    if args.json {
+        let per_class: Vec<_> = (0..classes)
+            .map(|c| {
+                serde_json::json!({"class": c, "name": cifar.class_names[c], "train": train[c], "test": test[c]})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "dataset": cifar.kind.name(),
+            "dir": cifar.dir,
+            "train": cifar.train.len(),
+            "test": cifar.test.len(),
+            "classes": per_class,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} in {}: {} train and {} test images, {classes} classes, all records valid",
+        cifar.kind.name(),
+        cifar.dir.display(),
+        cifar.train.len(),
+        cifar.test.len()
+    );
+    let width = cifar.class_names.iter().map(String::len).max().unwrap_or(5).max(5);
+    println!("{:>5}  {:<width$}  {:>7}  {:>6}", "class", "name", "train", "test");
+    for c in 0..classes {
+        println!(
+            "{c:>5}  {:<width$}  {:>7}  {:>6}",
+            cifar.class_names[c], train[c], test[c]
+        );
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs, compare: bool) -> Result<()> {
+    let mut config = ExperimentConfig::load(args.config.as_deref(), &args.overrides)?;
+    if let Some(mode) = args.mode {
+        if compare {
+            bail!("--mode does not apply to compare, which runs both modes");
+        }
+        config.train.mode = mode;
+    }
+    let root = locate::data_root(args.data_dir.as_deref(), Some(config.data.dir.as_path()));
+    let interactive = !args.json && std::io::stdout().is_terminal();
+    let cifar = data::open(config.data.dataset, config.data.labels, &root, args.offline, interactive)?;
+    let prepared = PreparedData::new(&cifar, &config);
+    drop(cifar);
+    let options = RunOptions { progress: !args.json };
+    let label = if compare { "compare" } else { config.train.mode.name() };
+    let out = args.out.unwrap_or_else(|| default_out_dir(label));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    let modes: &[Mode] = if compare {
+        &[Mode::Coupled, Mode::Decoupled]
+    } else {
+        std::slice::from_ref(&config.train.mode)
+    };
+    let mut reports = Vec::new();
+    for &mode in modes {
+        let report = run(&config, mode, &prepared, options)?;
+        write_json(&out.join(format!("{}.json", mode.name())), &report)?;
+        reports.push(report);
+    }
+    if args.json {
+        let json = match reports.as_slice() {
+            [one] => serde_json::to_string_pretty(one)?,
+            many => serde_json::to_string_pretty(&serde_json::json!({
+                "coupled": many[0], "decoupled": many[1]
+            }))?,
+        };
+        println!("{json}");
+    } else {
+        match reports.as_slice() {
+            [one] => print!("{}", report::summary(one)),
+            [coupled, decoupled] => print!("{}", report::comparison(coupled, decoupled)),
+            _ => unreachable!("one or two modes"),
+        }
+        eprintln!("reports written to {}", out.display());
+    }
+    if let Some(failed) = reports.iter().find(|r| r.error.is_some()) {
+        bail!(
+            "{} training diverged: {} (report kept in {})",
+            failed.mode.name(),
+            failed.error.as_deref().unwrap_or_default(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, report: &Report) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `runs/<UTC yyyymmdd-hhmmss>-<label>`.
+fn default_out_dir(label: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("runs").join(format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{label}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.batch < 2 {
+        bail!("--batch {}: BatchNorm needs at least 2 images per batch", args.batch);
+    }
+    let config = BenchConfig {
+        mode: args.mode,
+        depth: args.depth,
+        cut: args.cut,
+        aux: args.aux,
+        batch: args.batch,
+        steps: args.steps.max(1),
+        warmup: args.warmup,
+        threads: args.threads,
+        classes: 10,
+        backend: args.backend,
+    };
+    let result = bench(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        let mem = |b: Option<u64>| b.map_or("n/a".to_string(), human_bytes);
+        println!(
+            "{} ResNet-{} cut {} ({} blocks), batch {}, {} threads: {:.1} images/s ({:.3} s/step), peak step memory {} (client phase {}, server phase {}), {} across the cut per step",
+            args.mode.name(),
+            args.depth,
+            args.cut,
+            result.cut_blocks,
+            args.batch,
+            result.threads,
+            result.images_per_s,
+            result.seconds_per_step,
+            mem(result.peak_memory_bytes),
+            mem(result.peak_client_phase_bytes),
+            mem(result.peak_server_phase_bytes),
+            human_bytes(result.bytes_per_step),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! Experiment configuration: a TOML file (every key optional, unknown keys rejected), overridden
+//! by `--set key=value` pairs addressed by dotted path. Errors name the file and the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendKind;
+use crate::data::{DatasetKind, LabelSet, SubsetRule};
+use crate::model::{AuxKind, CutSpec};
+
+/// Everything one run needs. The TOML layout mirrors this structure: `[data]`, `[model]`,
+/// `[train]`, `[optim]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `cifar10` or `cifar100`.
+    pub dataset: DatasetKind,
+    /// CIFAR-100 only: `fine` (100 classes) or `coarse` (20 superclasses).
+    pub labels: LabelSet,
+    /// Data root; empty = `$SPLITAUX_DATA`, else `data/`.
+    pub dir: PathBuf,
+    /// Training images used (0 = all).
+    pub train_limit: usize,
+    /// Test images used (0 = all).
+    pub test_limit: usize,
+    /// How limited subsets are chosen: `first` or `balanced`.
+    pub subset: SubsetRule,
+    /// Random crop (4-pixel zero padding) and horizontal flip on training batches.
+    pub augment: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Cifar10,
+            labels: LabelSet::Fine,
+            dir: PathBuf::new(),
+            train_limit: 0,
+            test_limit: 0,
+            subset: SubsetRule::First,
+            augment: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// ResNet depth 6n+2: 8, 20, 32, 44, 56, 110, …
+    pub depth: usize,
+    /// Residual blocks on the client (0..=3n) or `shallow`, `middle`, `deep`.
+    pub cut: CutSpec,
+    /// Auxiliary head: `linear` (the paper's), `mlp` or `cnn`.
+    pub aux: AuxKind,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            depth: 20,
+            cut: CutSpec::default(),
+            aux: AuxKind::Linear,
+        }
+    }
+}
+
+/// Coupled (classic) or decoupled (auxiliary-loss) split learning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The server sends the cut gradient back every step.
+    Coupled,
+    /// The client trains on its auxiliary loss; no gradient crosses the cut.
+    #[default]
+    Decoupled,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Coupled => "coupled",
+            Mode::Decoupled => "decoupled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub mode: Mode,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Fixes initialization, data order and augmentation.
+    pub seed: u64,
+    /// Batch size of evaluation passes.
+    pub eval_batch_size: usize,
+    /// `flex` (CPU) or `wgpu` (GPU, cargo feature `wgpu`).
+    pub backend: BackendKind,
+    /// CPU worker threads (0 = one per core).
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Decoupled,
+            epochs: 5,
+            batch_size: 128,
+            seed: 0,
+            eval_batch_size: 500,
+            backend: BackendKind::Flex,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    Adam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `lr` throughout.
+    #[default]
+    Constant,
+    /// Cosine decay from `lr` to 0 over the run.
+    Cosine,
+    /// One-cycle: linear warm-up from `lr/25` to `lr` over `warmup` of the run, then cosine
+    /// decay to `lr/1e4`.
+    Onecycle,
+}
+
+/// One optimizer per side (client and server), both built from these settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `sgd` or `adam`.
+    pub name: OptimizerKind,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// SGD momentum (0 = plain SGD).
+    pub momentum: f64,
+    /// SGD Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// `constant`, `cosine` or `onecycle`.
+    pub schedule: Schedule,
+    /// One-cycle: fraction of the run spent warming up.
+    pub warmup: f64,
+    /// Adam β₁ and β₂.
+    pub betas: [f64; 2],
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            name: OptimizerKind::Sgd,
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            schedule: Schedule::Cosine,
+            warmup: 0.3,
+            betas: [0.9, 0.999],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Key {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("--set {0}: expected key=value")]
+    SetSyntax(String),
+    #[error("--set {key}: `{prefix}` is a value, not a table")]
+    NotATable { key: String, prefix: String },
+    #[error("{key} = {value}: {message}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+impl ExperimentConfig {
+    /// Reads `path` (if given) and applies `overrides` (`key=value`, TOML values; bare words are
+    /// strings).
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let table: toml::Table =
+                    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                        path: path.to_path_buf(),
+                        message: e.to_string().trim_end().to_string(),
+                    })?;
+                // Check the file alone first, so its own mistakes are blamed on it.
+                Self::from_table(table.clone(), &path.display().to_string())?;
+                (table, path.display().to_string())
+            }
+            None => (toml::Table::new(), "defaults".to_string()),
+        };
+        for assignment in overrides {
+            set_dotted(&mut table, assignment)?;
+        }
+        let origin = if overrides.is_empty() {
+            origin
+        } else {
+            format!("{origin} with --set")
+        };
+        let config = Self::from_table(table, &origin)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_table(table: toml::Table, origin: &str) -> Result<Self, ConfigError> {
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // An unknown field is reported on its parent table; name the field itself.
+            let key = match message.split('`').nth(1) {
+                Some(field) if message.starts_with("unknown field") => {
+                    if key == "." { field.to_string() } else { format!("{key}.{field}") }
+                }
+                _ => key,
+            };
+            ConfigError::Key {
+                origin: origin.to_string(),
+                key,
+                message: message.trim_end().to_string(),
+            }
+        })
+    }
+
+    /// Range checks serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                value,
+                message: message.to_string(),
+            })
+        };
+        if self.train.batch_size == 0 {
+            return invalid("train.batch_size", "0".into(), "must be at least 1");
+        }
+        if self.train.eval_batch_size == 0 {
+            return invalid("train.eval_batch_size", "0".into(), "must be at least 1");
+        }
+        if !(self.optim.lr.is_finite() && self.optim.lr > 0.0) {
+            return invalid("optim.lr", self.optim.lr.to_string(), "must be positive");
+        }
+        if !(0.0..1.0).contains(&self.optim.momentum) {
+            return invalid("optim.momentum", self.optim.momentum.to_string(), "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.optim.warmup) {
+            return invalid("optim.warmup", self.optim.warmup.to_string(), "must be in [0, 1)");
+        }
+        if self.optim.weight_decay < 0.0 {
+            return invalid("optim.weight_decay", self.optim.weight_decay.to_string(), "must be >= 0");
+        }
+        crate::model::Cut::resolve(self.model.cut, self.model.depth).map_err(|e| {
+            ConfigError::Invalid {
+                key: "model",
+                value: format!("depth {} cut {}", self.model.depth, self.model.cut),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serializes to TOML")
+    }
+}
+
+/// Applies one `key=value` to `table`, creating intermediate tables.
+fn set_dotted(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::SetSyntax(assignment.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::SetSyntax(assignment.to_string()));
+    }
+    let value = parse_value(raw.trim());
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, parents) = parts.split_last().expect("key has at least one part");
+    let mut current = table;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| ConfigError::NotATable {
+            key: key.to_string(),
+            prefix: parts[..=i].join("."),
+        })?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// A TOML value, or the raw text as a string when it is not one (`shallow`, `cifar10`).
+fn parse_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(overrides: &[&str]) -> Result<ExperimentConfig, ConfigError> {
+        let owned: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        ExperimentConfig::load(None, &owned)
+    }
+
+    #[test]
+    fn set_overrides_typed_values() {
+        let c = with(&["model.cut=middle", "model.depth=32", "optim.lr=0.05", "data.augment=false"])
+            .unwrap();
+        assert_eq!(c.model.cut, "middle".parse().unwrap());
+        assert_eq!(c.model.depth, 32);
+        assert_eq!(c.optim.lr, 0.05);
+        assert!(!c.data.augment);
+        assert_eq!(with(&["model.cut=4"]).unwrap().model.cut, CutSpec::Blocks(4));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = with(&["model.width=3"]).unwrap_err().to_string();
+        assert!(err.contains("model.width"), "{err}");
+        let err = with(&["extra=1"]).unwrap_err().to_string();
+        assert!(err.contains("extra"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = with(&["train.epochs=many"]).unwrap_err().to_string();
+        assert!(err.contains("train.epochs"), "{err}");
+    }
+
+    #[test]
+    fn impossible_cut_is_rejected() {
+        let err = with(&["model.cut=12"]).unwrap_err().to_string();
+        assert!(err.contains("0..=9"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = with(&["model.cut=deep", "optim.schedule=onecycle"]).unwrap();
+        let text = c.to_toml();
+        let back: ExperimentConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+}

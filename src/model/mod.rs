@@ -1,0 +1,32 @@
+//! The CIFAR ResNet, its split into client and server partitions, and the auxiliary heads.
+
+pub mod aux_head;
+pub mod resnet;
+pub mod split;
+
+pub use aux_head::{AuxHead, AuxHeadConfig, AuxKind};
+pub use resnet::ShapeError;
+pub use split::{ClientModel, ClientNet, Cut, CutPreset, CutSpec, ServerNet, SplitResNetConfig};
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor};
+
+/// Mean cross-entropy of `logits` (`[batch, classes]`) against class indices (`[batch]`).
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let [batch, _] = logits.dims();
+    log_softmax(logits, 1)
+        .gather(1, targets.reshape([batch, 1]))
+        .mean()
+        .neg()
+}
+
+/// Number of `logits` rows whose arg-max equals the target.
+pub fn correct(logits: Tensor<2>, targets: Tensor<1, Int>) -> usize {
+    let [batch, _] = logits.dims();
+    let predicted = logits.argmax(1).reshape([batch]);
+    predicted
+        .equal(targets)
+        .int()
+        .sum()
+        .into_scalar::<i64>() as usize
+}

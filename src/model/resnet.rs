@@ -1,0 +1,180 @@
+//! CIFAR ResNet-(6n+2) building blocks (He et al. 2016, §4.2): a 3×3 stem with 16 channels,
+//! then three stages of `n` basic blocks with 16, 32 and 64 channels (stride 2 at the start of
+//! stages 2 and 3) and option-A shortcuts: subsample, then zero-pad the new channels.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
+use burn::tensor::s;
+use burn::tensor::activation::relu;
+use burn::tensor::ops::PadMode;
+use burn::tensor::{Device, Tensor};
+
+/// Channels of the three stages.
+pub const STAGE_WIDTHS: [usize; 3] = [16, 32, 64];
+/// Side of the stage-1 feature maps (the input side, 32).
+pub const INPUT_SIDE: usize = 32;
+
+/// He initialization for convolutions (normal, fan-in, gain √2).
+fn he_normal() -> Initializer {
+    Initializer::KaimingNormal {
+        gain: std::f64::consts::SQRT_2,
+        fan_out_only: false,
+    }
+}
+
+fn conv3x3(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([cin, cout], [3, 3])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .with_bias(false)
+        .with_initializer(he_normal())
+        .init(device)
+}
+
+/// Validation errors of a ResNet shape.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShapeError {
+    #[error("model.depth = {0}: a CIFAR ResNet has depth 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, …)")]
+    Depth(usize),
+    #[error(
+        "model.cut = {cut} blocks: ResNet-{depth} has {total} residual blocks, so the cut must be 0..={total}"
+    )]
+    Cut {
+        cut: usize,
+        depth: usize,
+        total: usize,
+    },
+}
+
+/// Residual blocks per stage of a ResNet of `depth`.
+pub fn blocks_per_stage(depth: usize) -> Result<usize, ShapeError> {
+    if depth < 8 || (depth - 2) % 6 != 0 {
+        return Err(ShapeError::Depth(depth));
+    }
+    Ok((depth - 2) / 6)
+}
+
+/// Shape of one residual block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub stride: usize,
+}
+
+/// All `3n` blocks of the network, in order.
+pub fn block_specs(n: usize) -> Vec<BlockSpec> {
+    let mut specs = Vec::with_capacity(3 * n);
+    let mut cin = STAGE_WIDTHS[0];
+    for (stage, &cout) in STAGE_WIDTHS.iter().enumerate() {
+        for b in 0..n {
+            let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+            specs.push(BlockSpec {
+                in_channels: cin,
+                out_channels: cout,
+                stride,
+            });
+            cin = cout;
+        }
+    }
+    specs
+}
+
+/// 3×3 convolution to 16 channels, BatchNorm, ReLU.
+#[derive(Module, Debug)]
+pub struct Stem {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl Stem {
+    pub fn init(device: &Device) -> Self {
+        Self {
+            conv: conv3x3(3, STAGE_WIDTHS[0], 1, device),
+            bn: BatchNormConfig::new(STAGE_WIDTHS[0]).init(device),
+        }
+    }
+
+    /// # Shapes
+    /// - input: `[batch, 3, 32, 32]`
+    /// - output: `[batch, 16, 32, 32]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        relu(self.bn.forward(self.conv.forward(x)))
+    }
+}
+
+/// Two 3×3 convolutions with BatchNorm, plus an option-A shortcut.
+#[derive(Module, Debug)]
+pub struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    /// Spatial stride of the first convolution (and of the shortcut's subsampling).
+    stride: usize,
+    /// Zero channels added on each side of the shortcut: `(out - in) / 2`.
+    channel_pad: usize,
+}
+
+impl BasicBlock {
+    pub fn init(spec: BlockSpec, device: &Device) -> Self {
+        Self {
+            conv1: conv3x3(spec.in_channels, spec.out_channels, spec.stride, device),
+            bn1: BatchNormConfig::new(spec.out_channels).init(device),
+            conv2: conv3x3(spec.out_channels, spec.out_channels, 1, device),
+            bn2: BatchNormConfig::new(spec.out_channels).init(device),
+            stride: spec.stride,
+            channel_pad: (spec.out_channels - spec.in_channels) / 2,
+        }
+    }
+
+    /// # Shapes
+    /// - input: `[batch, in, side, side]`
+    /// - output: `[batch, out, side / stride, side / stride]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
+        let out = self.bn2.forward(self.conv2.forward(out));
+        let shortcut = if self.stride == 1 && self.channel_pad == 0 {
+            x
+        } else {
+            let sub = x.slice(s![.., .., ..;self.stride, ..;self.stride]); // [b, in, side/2, side/2]
+            let p = self.channel_pad;
+            sub.pad([(p, p), (0, 0), (0, 0)], PadMode::Constant(0.0)) // [b, out, side/2, side/2]
+        };
+        relu(out + shortcut)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_rules() {
+        assert_eq!(blocks_per_stage(20), Ok(3));
+        assert_eq!(blocks_per_stage(110), Ok(18));
+        assert_eq!(blocks_per_stage(21), Err(ShapeError::Depth(21)));
+        assert_eq!(blocks_per_stage(2), Err(ShapeError::Depth(2)));
+    }
+
+    #[test]
+    fn block_plan_of_resnet20() {
+        let specs = block_specs(3);
+        assert_eq!(specs.len(), 9);
+        assert_eq!(specs[3], BlockSpec { in_channels: 16, out_channels: 32, stride: 2 });
+        assert_eq!(specs[6].stride, 2);
+        assert_eq!(specs[8].out_channels, 64);
+    }
+
+    #[test]
+    fn downsampling_block_shapes_and_zero_padded_shortcut() {
+        let device = Device::flex();
+        let block = BasicBlock::init(
+            BlockSpec { in_channels: 16, out_channels: 32, stride: 2 },
+            &device,
+        );
+        let x = Tensor::<4>::ones([2, 16, 8, 8], &device);
+        assert_eq!(block.forward(x).dims(), [2, 32, 4, 4]);
+    }
+}
