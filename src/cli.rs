@@ -198,8 +198,17 @@ fn data_check(args: CheckArgs) -> Result<()> {
         cifar.train.len(),
         cifar.test.len()
     );
-    let width = cifar.class_names.iter().map(String::len).max().unwrap_or(5).max(5);
-    println!("{:>5}  {:<width$}  {:>7}  {:>6}", "class", "name", "train", "test");
+    let width = cifar
+        .class_names
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:>5}  {:<width$}  {:>7}  {:>6}",
+        "class", "name", "train", "test"
+    );
     for c in 0..classes {
         println!(
             "{c:>5}  {:<width$}  {:>7}  {:>6}",
@@ -219,11 +228,23 @@ fn train(args: TrainArgs, compare: bool) -> Result<()> {
     }
     let root = locate::data_root(args.data_dir.as_deref(), Some(config.data.dir.as_path()));
     let interactive = !args.json && std::io::stdout().is_terminal();
-    let cifar = data::open(config.data.dataset, config.data.labels, &root, args.offline, interactive)?;
+    let cifar = data::open(
+        config.data.dataset,
+        config.data.labels,
+        &root,
+        args.offline,
+        interactive,
+    )?;
     let prepared = PreparedData::new(&cifar, &config);
     drop(cifar);
-    let options = RunOptions { progress: !args.json };
-    let label = if compare { "compare" } else { config.train.mode.name() };
+    let options = RunOptions {
+        progress: !args.json,
+    };
+    let label = if compare {
+        "compare"
+    } else {
+        config.train.mode.name()
+    };
     let out = args.out.unwrap_or_else(|| default_out_dir(label));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
 
@@ -296,7 +317,10 @@ fn default_out_dir(label: &str) -> PathBuf {
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     if args.batch < 2 {
-        bail!("--batch {}: BatchNorm needs at least 2 images per batch", args.batch);
+        bail!(
+            "--batch {}: BatchNorm needs at least 2 images per batch",
+            args.batch
+        );
     }
     let config = BenchConfig {
         mode: args.mode,

@@ -250,7 +250,11 @@ impl ExperimentConfig {
             // An unknown field is reported on its parent table; name the field itself.
             let key = match message.split('`').nth(1) {
                 Some(field) if message.starts_with("unknown field") => {
-                    if key == "." { field.to_string() } else { format!("{key}.{field}") }
+                    if key == "." {
+                        field.to_string()
+                    } else {
+                        format!("{key}.{field}")
+                    }
                 }
                 _ => key,
             };
@@ -281,13 +285,25 @@ impl ExperimentConfig {
             return invalid("optim.lr", self.optim.lr.to_string(), "must be positive");
         }
         if !(0.0..1.0).contains(&self.optim.momentum) {
-            return invalid("optim.momentum", self.optim.momentum.to_string(), "must be in [0, 1)");
+            return invalid(
+                "optim.momentum",
+                self.optim.momentum.to_string(),
+                "must be in [0, 1)",
+            );
         }
         if !(0.0..1.0).contains(&self.optim.warmup) {
-            return invalid("optim.warmup", self.optim.warmup.to_string(), "must be in [0, 1)");
+            return invalid(
+                "optim.warmup",
+                self.optim.warmup.to_string(),
+                "must be in [0, 1)",
+            );
         }
         if self.optim.weight_decay < 0.0 {
-            return invalid("optim.weight_decay", self.optim.weight_decay.to_string(), "must be >= 0");
+            return invalid(
+                "optim.weight_decay",
+                self.optim.weight_decay.to_string(),
+                "must be >= 0",
+            );
         }
         crate::model::Cut::resolve(self.model.cut, self.model.depth).map_err(|e| {
             ConfigError::Invalid {
@@ -350,13 +366,21 @@ mod tests {
 
     #[test]
     fn set_overrides_typed_values() {
-        let c = with(&["model.cut=middle", "model.depth=32", "optim.lr=0.05", "data.augment=false"])
-            .unwrap();
+        let c = with(&[
+            "model.cut=middle",
+            "model.depth=32",
+            "optim.lr=0.05",
+            "data.augment=false",
+        ])
+        .unwrap();
         assert_eq!(c.model.cut, "middle".parse().unwrap());
         assert_eq!(c.model.depth, 32);
         assert_eq!(c.optim.lr, 0.05);
         assert!(!c.data.augment);
-        assert_eq!(with(&["model.cut=4"]).unwrap().model.cut, CutSpec::Blocks(4));
+        assert_eq!(
+            with(&["model.cut=4"]).unwrap().model.cut,
+            CutSpec::Blocks(4)
+        );
     }
 
     #[test]

@@ -123,7 +123,10 @@ impl Message {
             return Err(bad("no `SX` header"));
         }
         if bytes[2] != VERSION {
-            return Err(bad(&format!("format version {} (expected {VERSION})", bytes[2])));
+            return Err(bad(&format!(
+                "format version {} (expected {VERSION})",
+                bytes[2]
+            )));
         }
         let kind = MessageKind::from_code(bytes[3]).ok_or_else(|| bad("unknown kind"))?;
         let dtype = DTYPES

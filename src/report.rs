@@ -196,7 +196,11 @@ pub fn summary(r: &Report) -> String {
         (
             "peak client / server phase",
             match &r.peak_memory {
-                Some(p) => format!("{} / {}", human_bytes(p.client_phase), human_bytes(p.server_phase)),
+                Some(p) => format!(
+                    "{} / {}",
+                    human_bytes(p.client_phase),
+                    human_bytes(p.server_phase)
+                ),
                 None => "n/a".into(),
             },
         ),
@@ -209,7 +213,13 @@ pub fn summary(r: &Report) -> String {
     if let Some(error) = &r.error {
         rows.push(("error", error.clone()));
     }
-    render(&["", ""], &rows.into_iter().map(|(k, v)| vec![k.to_string(), v]).collect::<Vec<_>>())
+    render(
+        &["", ""],
+        &rows
+            .into_iter()
+            .map(|(k, v)| vec![k.to_string(), v])
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Coupled and decoupled side by side, with the decoupled/coupled ratios.
@@ -244,8 +254,16 @@ pub fn comparison(coupled: &Report, decoupled: &Report) -> String {
         both(&|r| human_bytes(r.bytes_per_epoch.total)),
         ratio(per_epoch(decoupled), per_epoch(coupled)),
     );
-    row("bytes up (total)", both(&|r| human_bytes(r.bytes.up)), String::new());
-    row("bytes down (total)", both(&|r| human_bytes(r.bytes.down)), String::new());
+    row(
+        "bytes up (total)",
+        both(&|r| human_bytes(r.bytes.up)),
+        String::new(),
+    );
+    row(
+        "bytes down (total)",
+        both(&|r| human_bytes(r.bytes.down)),
+        String::new(),
+    );
     let total = |r: &Report| Some(r.bytes.total as f64);
     row(
         "bytes total",
@@ -259,18 +277,29 @@ pub fn comparison(coupled: &Report, decoupled: &Report) -> String {
         ratio(peak(decoupled), peak(coupled)),
     );
     let phase = |r: &Report, server: bool| {
-        r.peak_memory
-            .map(|p| if server { p.server_phase } else { p.client_phase })
+        r.peak_memory.map(|p| {
+            if server {
+                p.server_phase
+            } else {
+                p.client_phase
+            }
+        })
     };
     row(
         "peak client phase",
         both(&|r| memory(phase(r, false))),
-        ratio(phase(decoupled, false).map(|b| b as f64), phase(coupled, false).map(|b| b as f64)),
+        ratio(
+            phase(decoupled, false).map(|b| b as f64),
+            phase(coupled, false).map(|b| b as f64),
+        ),
     );
     row(
         "peak server phase",
         both(&|r| memory(phase(r, true))),
-        ratio(phase(decoupled, true).map(|b| b as f64), phase(coupled, true).map(|b| b as f64)),
+        ratio(
+            phase(decoupled, true).map(|b| b as f64),
+            phase(coupled, true).map(|b| b as f64),
+        ),
     );
     row(
         "seconds per epoch",
@@ -329,7 +358,13 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = render(&["", "a"], &[vec!["x".into(), "1".into()], vec!["long".into(), "22".into()]]);
+        let t = render(
+            &["", "a"],
+            &[
+                vec!["x".into(), "1".into()],
+                vec!["long".into(), "22".into()],
+            ],
+        );
         assert_eq!(t, "       a\nx      1\nlong  22\n");
     }
 }

@@ -285,7 +285,12 @@ pub fn load(dir: &Path, kind: DatasetKind, labels: LabelSet) -> Result<Cifar, Da
         read_records(&dir.join(spec.name), spec.records, layout, &mut train)?;
     }
     let mut test = Split::default();
-    read_records(&dir.join(test_file.name), test_file.records, layout, &mut test)?;
+    read_records(
+        &dir.join(test_file.name),
+        test_file.records,
+        layout,
+        &mut test,
+    )?;
     Ok(Cifar {
         kind,
         labels,
@@ -401,7 +406,10 @@ mod tests {
         bytes.extend(record10(10, 8));
         fs::write(&path, bytes).unwrap();
         let err = read_records(&path, 2, CIFAR10_LAYOUT, &mut Split::default()).unwrap_err();
-        assert!(err.to_string().contains("record 1: class label 10"), "{err}");
+        assert!(
+            err.to_string().contains("record 1: class label 10"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -43,8 +43,14 @@ mod tests {
         let inner = root.path().join("cifar-10-batches-bin");
         std::fs::create_dir(&inner).unwrap();
         std::fs::write(inner.join("test_batch.bin"), b"").unwrap();
-        assert_eq!(find_dataset(root.path(), DatasetKind::Cifar10), Some(inner.clone()));
-        assert_eq!(find_dataset(&inner, DatasetKind::Cifar10), Some(inner.clone()));
+        assert_eq!(
+            find_dataset(root.path(), DatasetKind::Cifar10),
+            Some(inner.clone())
+        );
+        assert_eq!(
+            find_dataset(&inner, DatasetKind::Cifar10),
+            Some(inner.clone())
+        );
         assert_eq!(find_dataset(root.path(), DatasetKind::Cifar100), None);
     }
 

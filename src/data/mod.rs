@@ -53,7 +53,12 @@ pub fn open(
         None => {
             let source = fetch::Source::resolve(kind, None, None);
             if show_progress {
-                eprintln!("{} not found under {}: fetching {}", kind.name(), root.display(), source.url);
+                eprintln!(
+                    "{} not found under {}: fetching {}",
+                    kind.name(),
+                    root.display(),
+                    source.url
+                );
             }
             fetch::fetch(kind, root, &source, show_progress)?
         }

@@ -53,6 +53,8 @@ pub struct CnnHead {
 }
 
 /// An auxiliary head of any [`AuxKind`].
+// One head exists per run, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum AuxHead {
     Linear(LinearHead),
@@ -126,7 +128,12 @@ mod tests {
     fn every_head_maps_activations_to_logits() {
         let device = Device::flex();
         for kind in [AuxKind::Linear, AuxKind::Mlp, AuxKind::Cnn] {
-            let head = AuxHeadConfig { kind, channels: 16, classes: 10 }.init(&device);
+            let head = AuxHeadConfig {
+                kind,
+                channels: 16,
+                classes: 10,
+            }
+            .init(&device);
             let x = Tensor::<4>::ones([3, 16, 8, 8], &device);
             assert_eq!(head.forward(x).dims(), [3, 10], "{kind:?}");
         }

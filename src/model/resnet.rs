@@ -5,9 +5,9 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::s;
 use burn::tensor::activation::relu;
 use burn::tensor::ops::PadMode;
+use burn::tensor::s;
 use burn::tensor::{Device, Tensor};
 
 /// Channels of the three stages.
@@ -35,7 +35,9 @@ fn conv3x3(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
 /// Validation errors of a ResNet shape.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShapeError {
-    #[error("model.depth = {0}: a CIFAR ResNet has depth 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, …)")]
+    #[error(
+        "model.depth = {0}: a CIFAR ResNet has depth 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, …)"
+    )]
     Depth(usize),
     #[error(
         "model.cut = {cut} blocks: ResNet-{depth} has {total} residual blocks, so the cut must be 0..={total}"
@@ -49,7 +51,7 @@ pub enum ShapeError {
 
 /// Residual blocks per stage of a ResNet of `depth`.
 pub fn blocks_per_stage(depth: usize) -> Result<usize, ShapeError> {
-    if depth < 8 || (depth - 2) % 6 != 0 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
         return Err(ShapeError::Depth(depth));
     }
     Ok((depth - 2) / 6)
@@ -162,7 +164,14 @@ mod tests {
     fn block_plan_of_resnet20() {
         let specs = block_specs(3);
         assert_eq!(specs.len(), 9);
-        assert_eq!(specs[3], BlockSpec { in_channels: 16, out_channels: 32, stride: 2 });
+        assert_eq!(
+            specs[3],
+            BlockSpec {
+                in_channels: 16,
+                out_channels: 32,
+                stride: 2
+            }
+        );
         assert_eq!(specs[6].stride, 2);
         assert_eq!(specs[8].out_channels, 64);
     }
@@ -171,7 +180,11 @@ mod tests {
     fn downsampling_block_shapes_and_zero_padded_shortcut() {
         let device = Device::flex();
         let block = BasicBlock::init(
-            BlockSpec { in_channels: 16, out_channels: 32, stride: 2 },
+            BlockSpec {
+                in_channels: 16,
+                out_channels: 32,
+                stride: 2,
+            },
             &device,
         );
         let x = Tensor::<4>::ones([2, 16, 8, 8], &device);

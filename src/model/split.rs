@@ -140,7 +140,8 @@ impl ServerNet {
     pub fn forward(&self, a: Tensor<4>) -> Tensor<2> {
         let h = self.blocks.iter().fold(a, |h, block| block.forward(h));
         let [b, c, _, _] = h.dims();
-        self.fc.forward(adaptive_avg_pool2d(h, [1, 1]).reshape([b, c]))
+        self.fc
+            .forward(adaptive_avg_pool2d(h, [1, 1]).reshape([b, c]))
     }
 }
 
@@ -161,8 +162,8 @@ pub struct SplitResNetConfig {
 }
 
 impl SplitResNetConfig {
-    /// Builds the client (with its auxiliary head) and the server. Parameters are drawn in
-    /// network order — stem, blocks, classifier, then the auxiliary head — so a seed gives the
+    /// Builds the client (with its auxiliary head) and the server. Parameters are drawn at once,
+    /// in network order — stem, blocks, classifier, then the auxiliary head — so a seed gives the
     /// same network whatever the cut or mode.
     pub fn init(&self, device: &Device) -> Result<(ClientModel, ServerNet, Cut), ShapeError> {
         let cut = Cut::resolve(self.cut, self.depth)?;
@@ -172,7 +173,10 @@ impl SplitResNetConfig {
             .into_iter()
             .map(|spec| BasicBlock::init(spec, device))
             .collect();
+        super::materialize(&stem);
+        super::materialize(&blocks);
         let fc = LinearConfig::new(STAGE_WIDTHS[2], self.classes).init(device);
+        super::materialize(&fc);
         let server_blocks = blocks.split_off(cut.blocks);
         let aux = AuxHeadConfig {
             kind: self.aux,
@@ -180,6 +184,7 @@ impl SplitResNetConfig {
             classes: self.classes,
         }
         .init(device);
+        super::materialize(&aux);
         Ok((
             ClientModel {
                 net: ClientNet { stem, blocks },
@@ -201,7 +206,10 @@ mod tests {
     #[test]
     fn presets_of_resnet20_and_110() {
         let shallow = Cut::resolve("shallow".parse().unwrap(), 20).unwrap();
-        assert_eq!((shallow.blocks, shallow.activation_shape), (3, [16, 32, 32]));
+        assert_eq!(
+            (shallow.blocks, shallow.activation_shape),
+            (3, [16, 32, 32])
+        );
         let middle = Cut::resolve("middle".parse().unwrap(), 20).unwrap();
         assert_eq!((middle.blocks, middle.activation_shape), (6, [32, 16, 16]));
         let deep = Cut::resolve("deep".parse().unwrap(), 110).unwrap();

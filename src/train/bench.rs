@@ -76,7 +76,8 @@ pub fn bench(config: &BenchConfig) -> Result<BenchResult, RunError> {
     let labels: Vec<i64> = (0..config.batch)
         .map(|_| rng.random_range(0..config.classes as i64))
         .collect();
-    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [config.batch]), &train_device);
+    let labels =
+        Tensor::<1, Int>::from_data(TensorData::new(labels, [config.batch]), &train_device);
 
     let mut warm_meter = MemoryMeter::new(&device, config.backend.host_resident());
     let mut meter = MemoryMeter::new(&device, config.backend.host_resident());

@@ -8,12 +8,12 @@ use crate::config::{OptimConfig, OptimizerKind, Schedule};
 
 /// A fresh optimizer (one per side) from the config.
 pub fn build_optimizer(config: &OptimConfig) -> ModuleOptimizer {
-    let decay = (config.weight_decay > 0.0).then(|| WeightDecayConfig {
+    let decay = (config.weight_decay > 0.0).then_some(WeightDecayConfig {
         penalty: config.weight_decay as f32,
     });
     match config.name {
         OptimizerKind::Sgd => SgdConfig::new()
-            .with_momentum((config.momentum > 0.0).then(|| MomentumConfig {
+            .with_momentum((config.momentum > 0.0).then_some(MomentumConfig {
                 momentum: config.momentum,
                 // PyTorch's default: the whole gradient enters the velocity.
                 dampening: 0.0,

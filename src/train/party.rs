@@ -23,12 +23,17 @@ impl<M: Module> Trainable<M> {
     }
 
     pub fn model(&self) -> &M {
-        self.model.as_ref().expect("model is present between optimizer steps")
+        self.model
+            .as_ref()
+            .expect("model is present between optimizer steps")
     }
 
     /// One optimizer step with this model's part of `grads`.
     fn apply(&mut self, lr: f64, grads: Gradients) {
-        let model = self.model.take().expect("model is present between optimizer steps");
+        let model = self
+            .model
+            .take()
+            .expect("model is present between optimizer steps");
         let grads = GradientsParams::from_grads(grads, &model);
         self.model = Some(self.optimizer.step(lr, model, grads));
     }
@@ -81,7 +86,11 @@ impl Server {
         lr: f64,
         want_cut_gradient: bool,
     ) -> (f32, Option<Tensor<4>>) {
-        let a = if want_cut_gradient { a.require_grad() } else { a };
+        let a = if want_cut_gradient {
+            a.require_grad()
+        } else {
+            a
+        };
         let loss = cross_entropy(self.0.model().forward(a.clone()), labels);
         let loss_value = value(&loss);
         let mut grads = loss.backward();

@@ -17,9 +17,7 @@ use crate::data::{Batcher, Cifar, Normalization, Split, subset};
 use crate::link::{Link, LinkError, Traffic};
 use crate::memory::{self, MemoryMeter};
 use crate::model::{ClientModel, ServerNet, ShapeError, SplitResNetConfig, correct};
-use crate::report::{
-    Bytes, CutReport, EpochMetrics, Parameters, PeakMemoryReport, Report,
-};
+use crate::report::{Bytes, CutReport, EpochMetrics, Parameters, PeakMemoryReport, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -48,8 +46,18 @@ impl PreparedData {
     /// images actually used.
     pub fn new(cifar: &Cifar, config: &ExperimentConfig) -> Self {
         let classes = cifar.num_classes();
-        let train = subset::take(&cifar.train, config.data.train_limit, config.data.subset, classes);
-        let test = subset::take(&cifar.test, config.data.test_limit, config.data.subset, classes);
+        let train = subset::take(
+            &cifar.train,
+            config.data.train_limit,
+            config.data.subset,
+            classes,
+        );
+        let test = subset::take(
+            &cifar.test,
+            config.data.test_limit,
+            config.data.subset,
+            classes,
+        );
         let normalization = Normalization::of(&train);
         Self {
             train,
@@ -140,7 +148,13 @@ pub fn run(
 
     let mut global_step = 0;
     'epochs: for epoch in 1..=config.train.epochs {
-        let bar = progress_bar(options.progress, steps_per_epoch, epoch, config.train.epochs, mode);
+        let bar = progress_bar(
+            options.progress,
+            steps_per_epoch,
+            epoch,
+            config.train.epochs,
+            mode,
+        );
         let traffic_before = link.traffic();
         let order = epoch_order(data.train.len(), config.train.seed, epoch, true);
         let mut augment_rng = epoch_rng(config.train.seed, epoch, 1);
@@ -277,7 +291,9 @@ pub fn evaluate(
     let mut unused_rng = epoch_rng(0, 0, 0);
     let indices: Vec<usize> = (0..test.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
-        let (images, labels) = batcher.batch(test, chunk, &mut unused_rng).to_tensors(device);
+        let (images, labels) = batcher
+            .batch(test, chunk, &mut unused_rng)
+            .to_tensors(device);
         let h = client.net.forward(images);
         if with_aux {
             aux_right += correct(client.aux.forward(h.clone()), labels.clone());
