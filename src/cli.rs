@@ -239,6 +239,7 @@ fn train(args: TrainArgs, compare: bool) -> Result<()> {
     drop(cifar);
     let options = RunOptions {
         progress: !args.json,
+        multi: None,
     };
     let label = if compare {
         "compare"
@@ -255,7 +256,7 @@ fn train(args: TrainArgs, compare: bool) -> Result<()> {
     };
     let mut reports = Vec::new();
     for &mode in modes {
-        let report = run(&config, mode, &prepared, options)?;
+        let report = run(&config, mode, &prepared, options.clone())?;
         write_json(&out.join(format!("{}.json", mode.name())), &report)?;
         reports.push(report);
     }

@@ -213,7 +213,7 @@ impl ExperimentConfig {
     /// Reads `path` (if given) and applies `overrides` (`key=value`, TOML values; bare words are
     /// strings).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
-        let (mut table, origin) = match path {
+        let (table, origin) = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_path_buf(),
@@ -230,11 +230,20 @@ impl ExperimentConfig {
             }
             None => (toml::Table::new(), "defaults".to_string()),
         };
+        Self::from_base(table, &origin, overrides)
+    }
+
+    /// A config from an already parsed TOML table plus `key=value` overrides.
+    pub fn from_base(
+        mut table: toml::Table,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
         for assignment in overrides {
             set_dotted(&mut table, assignment)?;
         }
         let origin = if overrides.is_empty() {
-            origin
+            origin.to_string()
         } else {
             format!("{origin} with --set")
         };

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod experiment;
 pub mod link;
 pub mod memory;
 pub mod model;

@@ -52,7 +52,7 @@ pub const CIFAR100_FINE_CLASSES: usize = 100;
 pub const CIFAR100_COARSE_CLASSES: usize = 20;
 
 /// Which dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetKind {
     #[default]
@@ -61,7 +61,7 @@ pub enum DatasetKind {
 }
 
 /// Which CIFAR-100 label a record is classified by (CIFAR-10 has one label only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LabelSet {
     /// The 100 fine classes.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::Device;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::optim::{LrSchedule, build_optimizer};
 use super::party::{Client, Server, Trainable};
@@ -70,10 +70,12 @@ impl PreparedData {
 }
 
 /// How a run shows itself.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Show per-epoch progress bars (only when stdout is a terminal).
+    /// Show per-epoch progress bars (only on a terminal) and a line per epoch on stderr.
     pub progress: bool,
+    /// Draw the epoch bar below these bars (a sweep's overall bar).
+    pub multi: Option<MultiProgress>,
 }
 
 /// Trains one split model from scratch in `mode` and reports on it. A diverging loss ends the
@@ -149,7 +151,7 @@ pub fn run(
     let mut global_step = 0;
     'epochs: for epoch in 1..=config.train.epochs {
         let bar = progress_bar(
-            options.progress,
+            &options,
             steps_per_epoch,
             epoch,
             config.train.epochs,
@@ -233,14 +235,14 @@ pub fn run(
         report.test_accuracy = Some(test_accuracy);
         report.aux_accuracy = aux_accuracy;
         if options.progress {
-            eprintln!(
+            bar.suspend(|| eprintln!(
                 "{} epoch {epoch}/{}: loss {:.3}, test accuracy {:.2} %{}",
                 mode.name(),
                 config.train.epochs,
                 server_sum / steps_f,
                 100.0 * test_accuracy,
                 aux_accuracy.map_or(String::new(), |a| format!(", aux head {:.2} %", 100.0 * a)),
-            );
+            ));
         }
     }
 
@@ -304,12 +306,22 @@ pub fn evaluate(
     (right as f64 / n, with_aux.then_some(aux_right as f64 / n))
 }
 
-fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize, mode: Mode) -> ProgressBar {
+fn progress_bar(
+    options: &RunOptions,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+    mode: Mode,
+) -> ProgressBar {
     use std::io::IsTerminal;
-    if !show || !std::io::stdout().is_terminal() {
+    if !options.progress || !std::io::stdout().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(steps as u64);
+    let bar = match &options.multi {
+        Some(multi) => multi.add(bar),
+        None => bar,
+    };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
             .expect("valid progress template")
