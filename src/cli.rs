@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use splitaux::backend::BackendKind;
 use splitaux::config::{ExperimentConfig, Mode};
 use splitaux::data::{self, DatasetKind, LabelSet, fetch, locate};
+use splitaux::experiment::table::{Metric, aggregate};
+use splitaux::experiment::{Axis, Sweep, SweepOptions, plot as plots, read_records, run_sweep};
 use splitaux::model::{AuxKind, CutSpec};
 use splitaux::report::{self, Report, human_bytes};
 use splitaux::train::bench::{BenchConfig, bench};
@@ -34,6 +36,76 @@ pub enum Command {
     Compare(TrainArgs),
     /// Time training steps on random inputs (images/s and peak memory).
     Bench(BenchArgs),
+    /// Run every combination of a config grid (and seeds), appending each run to runs.jsonl.
+    Sweep(SweepArgs),
+    /// Aggregate runs.jsonl over seeds into a table (mean ± std, n).
+    Table(TableArgs),
+    /// Draw SVG figures from runs.jsonl.
+    Plot(PlotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Base config, optionally with a [sweep] table (seeds, grid); see configs/cpu/.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// A grid axis KEY=V1,V2,… over any config key (repeatable; replaces the file's axis).
+    #[arg(long = "grid", value_name = "KEY=V1,V2,…")]
+    pub grid: Vec<Axis>,
+    /// Seeds per combination, counting up from train.seed [default: the file's, else 1].
+    #[arg(long)]
+    pub seeds: Option<usize>,
+    /// Output folder: runs.jsonl and reports/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The dataset folder or its parent; beats data.dir and $SPLITAUX_DATA.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Never download: runs fail if the dataset is missing.
+    #[arg(long)]
+    pub offline: bool,
+    /// Run again the combinations recorded as failed or diverged.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// No progress bars or per-run lines.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Print a JSON summary (counts, log path) to stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TableArgs {
+    /// The runs.jsonl of a sweep.
+    pub runs: PathBuf,
+    /// Config key of the table rows (or `seed`).
+    #[arg(long, default_value = "model.cut")]
+    pub rows: String,
+    /// Config key of the table columns (or `seed`).
+    #[arg(long, default_value = "train.mode")]
+    pub cols: String,
+    /// Metrics to show (repeatable) [default: test-accuracy, bytes-per-epoch, peak-memory].
+    #[arg(long = "metric", value_enum)]
+    pub metrics: Vec<Metric>,
+    #[arg(long, value_enum, default_value = "md")]
+    pub format: TableFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TableFormat {
+    Md,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// The runs.jsonl of a sweep.
+    pub runs: PathBuf,
+    /// Folder for the SVG files.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +228,9 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args, false),
         Command::Compare(args) => train(args, true),
         Command::Bench(args) => run_bench(args),
+        Command::Sweep(args) => sweep(args),
+        Command::Table(args) => table(args),
+        Command::Plot(args) => plot(args),
     }
 }
 
@@ -355,6 +430,92 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             mem(result.peak_server_phase_bytes),
             human_bytes(result.bytes_per_step),
         );
+    }
+    Ok(())
+}
+
+/// Exit status of a sweep in which some run failed or diverged.
+pub const EXIT_RUNS_FAILED: u8 = 3;
+
+/// A finished command that still wants a particular non-zero exit status.
+#[derive(Debug)]
+pub struct ExitStatus(pub u8);
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
+
+fn sweep(args: SweepArgs) -> Result<()> {
+    let sweep = Sweep::load(args.config.as_deref(), &args.grid, args.seeds)?;
+    let options = SweepOptions {
+        data_dir: args.data_dir,
+        offline: args.offline,
+        retry_failed: args.retry_failed,
+        progress: !args.quiet,
+    };
+    let summary = run_sweep(&sweep, &args.out, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else if !args.quiet {
+        eprintln!(
+            "sweep: {} runs, {} skipped (already recorded), {} completed, {} diverged, {} failed; log {}",
+            summary.total,
+            summary.skipped,
+            summary.completed,
+            summary.diverged,
+            summary.failed,
+            summary.log.display()
+        );
+    }
+    if summary.failed + summary.diverged > 0 {
+        eprintln!(
+            "error: {} of {} runs failed or diverged (recorded in {})",
+            summary.failed + summary.diverged,
+            summary.total - summary.skipped,
+            summary.log.display()
+        );
+        return Err(ExitStatus(EXIT_RUNS_FAILED).into());
+    }
+    Ok(())
+}
+
+fn table(args: TableArgs) -> Result<()> {
+    let records = read_records(&args.runs)?;
+    if records.is_empty() {
+        bail!("{}: no runs recorded", args.runs.display());
+    }
+    let metrics = if args.metrics.is_empty() {
+        vec![
+            Metric::TestAccuracy,
+            Metric::BytesPerEpoch,
+            Metric::PeakMemory,
+        ]
+    } else {
+        args.metrics
+    };
+    let table = aggregate(&records, &args.rows, &args.cols, &metrics);
+    match args.format {
+        TableFormat::Md => print!("{}", table.markdown()),
+        TableFormat::Csv => print!("{}", table.csv()),
+        TableFormat::Json => println!("{}", serde_json::to_string_pretty(&table)?),
+    }
+    if table.excluded > 0 {
+        eprintln!("{} runs left out: they did not complete", table.excluded);
+    }
+    Ok(())
+}
+
+fn plot(args: PlotArgs) -> Result<()> {
+    let records = read_records(&args.runs)?;
+    if records.is_empty() {
+        bail!("{}: no runs recorded", args.runs.display());
+    }
+    for path in plots::plot_all(&records, &args.out)? {
+        println!("{}", path.display());
     }
     Ok(())
 }

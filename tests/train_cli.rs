@@ -192,19 +192,32 @@ fn config_file_errors_name_the_key() {
 
 #[test]
 fn presets_parse() {
-    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
+    use splitaux::experiment::{Sweep, expand};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut checked = 0;
+    for dir in [root.clone(), root.join("cpu"), root.join("paper")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
             let text = std::fs::read_to_string(&path).unwrap();
             assert!(
                 text.starts_with('#'),
                 "{} needs a header comment",
                 path.display()
             );
-            splitaux::config::ExperimentConfig::load(Some(&path), &[])
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // Every preset is a sweep file (a config with an optional [sweep] table).
+            let sweep = Sweep::load(Some(&path), &[], None).unwrap();
+            for combination in expand(&sweep.axes, sweep.seeds, 0) {
+                sweep
+                    .config_for(&combination)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            checked += 1;
         }
     }
+    assert!(checked >= 4, "quick, cpu and two paper presets");
 }
 
 #[test]

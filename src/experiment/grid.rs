@@ -73,7 +73,13 @@ impl Combination {
     pub fn slug(&self) -> String {
         self.id()
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '=' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '=' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     }
 
@@ -158,11 +164,13 @@ impl Sweep {
             None => (toml::Table::new(), PathBuf::from("defaults")),
         };
         let section: SweepSection = match base.remove("sweep") {
-            Some(value) => serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Key {
-                origin: origin.display().to_string(),
-                key: format!("sweep.{}", e.path()),
-                message: e.into_inner().to_string(),
-            })?,
+            Some(value) => {
+                serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Key {
+                    origin: origin.display().to_string(),
+                    key: format!("sweep.{}", e.path()),
+                    message: e.into_inner().to_string(),
+                })?
+            }
             None => SweepSection::default(),
         };
         let mut axes = Vec::new();
@@ -198,9 +206,15 @@ impl Sweep {
 
     /// The seed the base config starts from.
     pub fn first_seed(&self) -> Result<u64, ConfigError> {
-        Ok(ExperimentConfig::from_base(self.base.clone(), &self.origin.display().to_string(), &[])?
+        Ok(
+            ExperimentConfig::from_base(
+                self.base.clone(),
+                &self.origin.display().to_string(),
+                &[],
+            )?
             .train
-            .seed)
+            .seed,
+        )
     }
 }
 
@@ -222,7 +236,10 @@ mod tests {
 
     #[test]
     fn expansion_is_the_cartesian_product_times_seeds() {
-        let axes = [axis("train.mode=coupled,decoupled"), axis("model.cut=shallow,middle,deep")];
+        let axes = [
+            axis("train.mode=coupled,decoupled"),
+            axis("model.cut=shallow,middle,deep"),
+        ];
         let runs = expand(&axes, 2, 10);
         assert_eq!(runs.len(), 12);
         assert_eq!(runs[0].id(), "train.mode=coupled,model.cut=shallow,seed=10");

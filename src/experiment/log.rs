@@ -140,13 +140,21 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"id\":\"c\",\"ax").unwrap();
         drop(f);
-        let ids: Vec<String> = read_records(&path).unwrap().into_iter().map(|r| r.id).collect();
+        let ids: Vec<String> = read_records(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(ids, vec!["a", "b"]);
         append(&path, &record("d")).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 3);
         assert!(text.ends_with('\n'));
-        let ids: Vec<String> = read_records(&path).unwrap().into_iter().map(|r| r.id).collect();
+        let ids: Vec<String> = read_records(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(ids, vec!["a", "b", "d"]);
     }
 

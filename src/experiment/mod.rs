@@ -3,6 +3,7 @@
 
 pub mod grid;
 pub mod log;
+pub mod plot;
 pub mod sweep;
 pub mod table;
 

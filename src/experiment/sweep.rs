@@ -41,7 +41,11 @@ pub struct SweepSummary {
 /// The name of the log inside the output folder.
 pub const LOG_FILE: &str = "runs.jsonl";
 
-pub fn run_sweep(sweep: &Sweep, out: &Path, options: &SweepOptions) -> Result<SweepSummary, LogError> {
+pub fn run_sweep(
+    sweep: &Sweep,
+    out: &Path,
+    options: &SweepOptions,
+) -> Result<SweepSummary, LogError> {
     let log = out.join(LOG_FILE);
     let reports = out.join("reports");
     std::fs::create_dir_all(&reports).map_err(|source| LogError::Io {
@@ -55,7 +59,10 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, options: &SweepOptions) -> Result<Sw
         .filter(|r| !options.retry_failed || r.status == "completed")
         .map(|r| r.id)
         .collect();
-    let todo: Vec<&Combination> = combinations.iter().filter(|c| !done.contains(&c.id())).collect();
+    let todo: Vec<&Combination> = combinations
+        .iter()
+        .filter(|c| !done.contains(&c.id()))
+        .collect();
     let mut summary = SweepSummary {
         total: combinations.len(),
         skipped: combinations.len() - todo.len(),
@@ -75,9 +82,11 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, options: &SweepOptions) -> Result<Sw
     let overall = if options.progress && std::io::stderr().is_terminal() {
         let bar = multi.add(ProgressBar::new(todo.len() as u64));
         bar.set_style(
-            ProgressStyle::with_template("sweep [{bar:30}] {pos}/{len} runs, {elapsed} elapsed, ~{eta} left {msg}")
-                .expect("valid progress template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "sweep [{bar:30}] {pos}/{len} runs, {elapsed} elapsed, ~{eta} left {msg}",
+            )
+            .expect("valid progress template")
+            .progress_chars("=> "),
         );
         bar
     } else {
@@ -139,7 +148,13 @@ fn run_one(
     let root = locate::data_root(options.data_dir.as_deref(), Some(config.data.dir.as_path()));
     let key = (config.data.dataset, config.data.labels, root.clone());
     if !datasets.0.contains_key(&key) {
-        match data::open(config.data.dataset, config.data.labels, &root, options.offline, options.progress) {
+        match data::open(
+            config.data.dataset,
+            config.data.labels,
+            &root,
+            options.offline,
+            options.progress,
+        ) {
             Ok(cifar) => {
                 datasets.0.insert(key.clone(), cifar);
             }

@@ -57,7 +57,9 @@ impl Metric {
 
     /// The value of this metric in `report`, if it has one.
     pub fn of(self, r: &Report) -> Option<f64> {
-        let peak = |f: fn(&crate::report::PeakMemoryReport) -> u64| r.peak_memory.as_ref().map(|p| f(p) as f64);
+        let peak = |f: fn(&crate::report::PeakMemoryReport) -> u64| {
+            r.peak_memory.as_ref().map(|p| f(p) as f64)
+        };
         match self {
             Metric::TestAccuracy => r.test_accuracy,
             Metric::AuxAccuracy => r.aux_accuracy,
@@ -158,13 +160,22 @@ pub struct Table {
 }
 
 /// Aggregates the completed runs of `records`.
-pub fn aggregate(records: &[RunRecord], rows_key: &str, cols_key: &str, metrics: &[Metric]) -> Table {
+pub fn aggregate(
+    records: &[RunRecord],
+    rows_key: &str,
+    cols_key: &str,
+    metrics: &[Metric],
+) -> Table {
     let mut rows: Vec<String> = Vec::new();
     let mut cols: Vec<String> = Vec::new();
     let mut values: BTreeMap<(usize, usize, usize), Vec<f64>> = BTreeMap::new();
     let mut excluded = 0;
     for record in records {
-        let Some(report) = record.report.as_ref().filter(|_| record.status == "completed") else {
+        let Some(report) = record
+            .report
+            .as_ref()
+            .filter(|_| record.status == "completed")
+        else {
             excluded += 1;
             continue;
         };
@@ -281,7 +292,10 @@ impl Table {
                     });
                 }
                 if with_ratio {
-                    line.push(self.ratio(row, metric).map_or(String::new(), |r| format!("{r:.2}")));
+                    line.push(
+                        self.ratio(row, metric)
+                            .map_or(String::new(), |r| format!("{r:.2}")),
+                    );
                 }
                 out.push_str(&format!("| {} |\n", line.join(" | ")));
             }
@@ -297,7 +311,10 @@ impl Table {
                 "{},{},{},{},{},{}\n",
                 csv_field(&c.row),
                 csv_field(&c.col),
-                serde_json::to_value(c.metric).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                serde_json::to_value(c.metric)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
                 c.stats.mean,
                 c.stats.std,
                 c.stats.n
@@ -307,7 +324,10 @@ impl Table {
             out.push_str(&format!(
                 "{},decoupled/coupled,{},{},,\n",
                 csv_field(&r.row),
-                serde_json::to_value(r.metric).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                serde_json::to_value(r.metric)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
                 r.decoupled_over_coupled
             ));
         }

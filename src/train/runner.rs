@@ -150,13 +150,7 @@ pub fn run(
 
     let mut global_step = 0;
     'epochs: for epoch in 1..=config.train.epochs {
-        let bar = progress_bar(
-            &options,
-            steps_per_epoch,
-            epoch,
-            config.train.epochs,
-            mode,
-        );
+        let bar = progress_bar(&options, steps_per_epoch, epoch, config.train.epochs, mode);
         let traffic_before = link.traffic();
         let order = epoch_order(data.train.len(), config.train.seed, epoch, true);
         let mut augment_rng = epoch_rng(config.train.seed, epoch, 1);
@@ -235,14 +229,17 @@ pub fn run(
         report.test_accuracy = Some(test_accuracy);
         report.aux_accuracy = aux_accuracy;
         if options.progress {
-            bar.suspend(|| eprintln!(
-                "{} epoch {epoch}/{}: loss {:.3}, test accuracy {:.2} %{}",
-                mode.name(),
-                config.train.epochs,
-                server_sum / steps_f,
-                100.0 * test_accuracy,
-                aux_accuracy.map_or(String::new(), |a| format!(", aux head {:.2} %", 100.0 * a)),
-            ));
+            bar.suspend(|| {
+                eprintln!(
+                    "{} epoch {epoch}/{}: loss {:.3}, test accuracy {:.2} %{}",
+                    mode.name(),
+                    config.train.epochs,
+                    server_sum / steps_f,
+                    100.0 * test_accuracy,
+                    aux_accuracy
+                        .map_or(String::new(), |a| format!(", aux head {:.2} %", 100.0 * a)),
+                )
+            });
         }
     }
 

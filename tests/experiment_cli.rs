@@ -1,0 +1,322 @@
+//! `splitaux sweep`, `table` and `plot`: resume, interruption, failures, aggregation and figures.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{cifar10, splitaux};
+use predicates::prelude::*;
+use serde_json::{Value, json};
+
+/// Tiny-run settings as a sweep base file.
+fn base_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("base.toml");
+    std::fs::write(
+        &path,
+        "[data]\ntrain_limit = 64\ntest_limit = 32\n[model]\ndepth = 8\n[train]\nepochs = 1\nbatch_size = 32\neval_batch_size = 32\nthreads = 2\n",
+    )
+    .unwrap();
+    path
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "no torn last line");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect()
+}
+
+fn sweep(dir: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    splitaux()
+        .args(["sweep", "--offline", "--config"])
+        .arg(base_file(dir))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .arg("--data-dir")
+        .arg(cifar10())
+        .args(extra)
+        .assert()
+}
+
+#[test]
+fn sweep_records_each_run_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    sweep(dir.path(), &["--grid", "train.mode=coupled,decoupled"]).success();
+    let log = dir.path().join("out/runs.jsonl");
+    let records = lines(&log);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["id"], "train.mode=coupled,seed=0");
+    assert_eq!(records[1]["report"]["mode"], "decoupled");
+    assert_eq!(records[1]["status"], "completed");
+    assert!(records[0]["report"]["epochs"][0]["test_accuracy"].is_number());
+    assert!(
+        dir.path()
+            .join("out/reports/train.mode=coupled_seed=0.json")
+            .is_file()
+    );
+    // Same sweep again: nothing runs.
+    sweep(
+        dir.path(),
+        &["--grid", "train.mode=coupled,decoupled", "--json"],
+    )
+    .success()
+    .stdout(
+        predicate::str::contains("\"skipped\":2").and(predicate::str::contains("\"completed\":0")),
+    )
+    .stderr(predicate::str::contains("2 of 2 runs already in"));
+    assert_eq!(lines(&log).len(), 2);
+    // A second seed adds only the new combinations.
+    sweep(
+        dir.path(),
+        &[
+            "--grid",
+            "train.mode=coupled,decoupled",
+            "--seeds",
+            "2",
+            "--quiet",
+        ],
+    )
+    .success();
+    let ids: Vec<String> = lines(&log)
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids[3], "train.mode=decoupled,seed=1");
+}
+
+#[test]
+fn failing_run_is_recorded_and_the_sweep_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    sweep(dir.path(), &["--grid", "model.cut=40,0", "--quiet"])
+        .failure()
+        .code(3)
+        .stderr(predicate::str::contains("1 of 2 runs failed"));
+    let records = lines(&dir.path().join("out/runs.jsonl"));
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["status"], "failed");
+    assert!(
+        records[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("residual blocks")
+    );
+    assert!(records[0]["report"].is_null());
+    assert_eq!(records[1]["status"], "completed");
+}
+
+#[test]
+fn killed_sweep_leaves_valid_log_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("out/runs.jsonl");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("splitaux"))
+        .args([
+            "sweep",
+            "--offline",
+            "--quiet",
+            "--grid",
+            "train.seed=0,1,2,3,4,5",
+            "--config",
+        ])
+        .arg(base_file(dir.path()))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .arg("--data-dir")
+        .arg(cifar10())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "first run never finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let survived = lines(&log).len();
+    assert!((1..6).contains(&survived), "{survived}");
+    splitaux()
+        .args([
+            "sweep",
+            "--offline",
+            "--quiet",
+            "--grid",
+            "train.seed=0,1,2,3,4,5",
+            "--config",
+        ])
+        .arg(base_file(dir.path()))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .arg("--data-dir")
+        .arg(cifar10())
+        .assert()
+        .success();
+    let mut ids: Vec<String> = lines(&log)
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "each combination exactly once");
+}
+
+/// A hand-written run record with the fields the table and plots read.
+fn record(
+    mode: &str,
+    cut: &str,
+    seed: u64,
+    accuracy: [f64; 2],
+    bytes_per_epoch: u64,
+    peak: u64,
+) -> String {
+    let epoch = |e: usize| {
+        json!({"epoch": e + 1, "lr": 0.1, "server_loss": 1.0, "test_accuracy": accuracy[e],
+               "bytes": {"activations": bytes_per_epoch, "labels": 0, "gradients": 0, "up": bytes_per_epoch,
+                         "down": 0, "total": bytes_per_epoch, "messages": 1},
+               "train_seconds": 10.0, "data_seconds": 0.1, "eval_seconds": 1.0, "images_per_s": 100.0})
+    };
+    let bytes = |n: u64| json!({"activations": n, "labels": 0, "gradients": 0, "up": n, "down": 0, "total": n, "messages": 1});
+    json!({
+        "id": format!("model.cut={cut},train.mode={mode},seed={seed}"),
+        "axes": [["model.cut", cut], ["train.mode", mode]],
+        "seed": seed,
+        "status": "completed",
+        "error": null,
+        "report": {
+            "splitaux_version": "test", "mode": mode, "status": "completed", "dataset": "cifar10",
+            "train_images": 10, "test_images": 10,
+            "cut": {"blocks": 3, "total_blocks": 9, "activation_shape": [16, 32, 32]},
+            "parameters": {"client": 1, "aux_head": 1, "server": 1},
+            "test_accuracy": accuracy[1],
+            "epochs": [epoch(0), epoch(1)],
+            "bytes": bytes(2 * bytes_per_epoch), "bytes_per_epoch": bytes(bytes_per_epoch),
+            "peak_memory_bytes": peak,
+            "wall_seconds": 30.0,
+            "config": {"model": {"cut": cut}, "train": {"mode": mode, "seed": seed}}
+        }
+    })
+    .to_string()
+}
+
+fn hand_written(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("runs.jsonl");
+    let mib = 1 << 20;
+    let text = [
+        record("coupled", "shallow", 0, [0.3, 0.50], 200 * mib, 300 * mib),
+        record("coupled", "shallow", 1, [0.3, 0.60], 200 * mib, 300 * mib),
+        record("decoupled", "shallow", 0, [0.2, 0.40], 100 * mib, 150 * mib),
+        record("decoupled", "shallow", 1, [0.2, 0.50], 100 * mib, 150 * mib),
+        record("decoupled", "shallow", 2, [0.2, 0.60], 100 * mib, 150 * mib),
+        record("coupled", "middle", 0, [0.3, 0.70], 100 * mib, 200 * mib),
+    ]
+    .join("\n")
+        + "\n";
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn table_aggregates_mean_std_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = hand_written(dir.path());
+    let out = splitaux()
+        .arg("table")
+        .arg(&runs)
+        .args(["--format", "json"])
+        .assert()
+        .success();
+    let table: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let cell = |row: &str, col: &str, metric: &str| {
+        table["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["row"] == row && c["col"] == col && c["metric"] == metric)
+            .cloned()
+            .unwrap()
+    };
+    let c = cell("shallow", "coupled", "test_accuracy");
+    assert!((c["mean"].as_f64().unwrap() - 0.55).abs() < 1e-12);
+    assert!((c["std"].as_f64().unwrap() - 0.070_710_678).abs() < 1e-6);
+    assert_eq!(c["n"], 2);
+    let d = cell("shallow", "decoupled", "test_accuracy");
+    assert!((d["mean"].as_f64().unwrap() - 0.5).abs() < 1e-12);
+    assert!((d["std"].as_f64().unwrap() - 0.1).abs() < 1e-12);
+    assert_eq!(d["n"], 3);
+    assert_eq!(cell("middle", "coupled", "peak_memory")["n"], 1);
+    let ratio = table["ratios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["row"] == "shallow" && r["metric"] == "bytes_per_epoch")
+        .unwrap()["decoupled_over_coupled"]
+        .as_f64()
+        .unwrap();
+    assert!((ratio - 0.5).abs() < 1e-12);
+
+    splitaux()
+        .arg("table")
+        .arg(&runs)
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("| model.cut | metric | train.mode = coupled | train.mode = decoupled | decoupled/coupled |")
+                .and(predicate::str::contains("| shallow | test accuracy | 55.00 % ± 7.07 % (n=2) | 50.00 % ± 10.00 % (n=3) |  |"))
+                .and(predicate::str::contains("| shallow | peak memory | 300.0 MiB ± 0 B (n=2) | 150.0 MiB ± 0 B (n=3) | 0.50 |")),
+        );
+    splitaux()
+        .arg("table")
+        .arg(&runs)
+        .args(["--format", "csv", "--metric", "test-accuracy"])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with(
+            "model.cut,train.mode,metric,mean,std,n\nshallow,coupled,test_accuracy,0.55",
+        ));
+}
+
+#[test]
+fn plot_writes_valid_svgs_with_the_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = hand_written(dir.path());
+    let out = dir.path().join("plots");
+    splitaux()
+        .arg("plot")
+        .arg(&runs)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    for name in [
+        "accuracy_vs_epoch.svg",
+        "accuracy_vs_bytes.svg",
+        "peak_memory.svg",
+        "seconds_per_epoch.svg",
+    ] {
+        let svg = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(
+            svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+        assert_eq!(svg.matches("<svg").count(), svg.matches("</svg>").count());
+        assert!(
+            svg.contains("coupled") && svg.contains("decoupled"),
+            "{name} legend"
+        );
+    }
+    let epochs = std::fs::read_to_string(out.join("accuracy_vs_epoch.svg")).unwrap();
+    assert!(epochs.contains("decoupled, cut shallow") && epochs.contains("coupled, cut middle"));
+    assert!(epochs.contains("test accuracy (%)") && epochs.contains("\nepoch\n"));
+    assert!(
+        epochs.matches("<polyline").count() >= 3,
+        "one line per series"
+    );
+    let memory = std::fs::read_to_string(out.join("peak_memory.svg")).unwrap();
+    assert!(memory.contains("cut shallow") && memory.contains("peak memory above baseline (MiB)"));
+    assert!(memory.matches("<rect").count() >= 4);
+}
