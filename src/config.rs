@@ -215,15 +215,7 @@ impl ExperimentConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let (table, origin) = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let table: toml::Table =
-                    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-                        path: path.to_path_buf(),
-                        message: e.to_string().trim_end().to_string(),
-                    })?;
+                let table = read_toml(path)?;
                 // Check the file alone first, so its own mistakes are blamed on it.
                 Self::from_table(table.clone(), &path.display().to_string())?;
                 (table, path.display().to_string())
@@ -328,6 +320,18 @@ impl ExperimentConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a config always serializes to TOML")
     }
+}
+
+/// Reads a TOML file into a table; errors name the file.
+pub fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
 }
 
 /// Applies one `key=value` to `table`, creating intermediate tables.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, ExperimentConfig};
+use crate::config::{ConfigError, ExperimentConfig, read_toml};
 
 /// One grid axis: a config key and the values it takes (as `--set` text).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,15 +150,7 @@ impl Sweep {
     ) -> Result<Self, ConfigError> {
         let (mut base, origin) = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let table: toml::Table =
-                    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-                        path: path.to_path_buf(),
-                        message: e.to_string().trim_end().to_string(),
-                    })?;
+                let table = read_toml(path)?;
                 (table, path.to_path_buf())
             }
             None => (toml::Table::new(), PathBuf::from("defaults")),

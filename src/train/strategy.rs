@@ -19,6 +19,22 @@ pub struct StepContext<'a> {
     pub device: &'a Device,
 }
 
+impl StepContext<'_> {
+    /// The client sends its activations at the cut (detached: only values cross) and the labels;
+    /// returns the server's received copies.
+    fn send_up(
+        &mut self,
+        h: &Tensor<4>,
+        labels: Tensor<1, Int>,
+    ) -> Result<(Tensor<4>, Tensor<1, Int>), LinkError> {
+        let a = self
+            .link
+            .send_float(MessageKind::Activations, h.clone().detach(), self.device)?;
+        let y = self.link.send_labels(labels, self.device)?;
+        Ok((a, y))
+    }
+}
+
 /// Losses of one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepLosses {
@@ -72,10 +88,7 @@ impl Strategy for Coupled {
     ) -> Result<StepLosses, LinkError> {
         ctx.memory.enter(Phase::Client);
         let h = ctx.client.forward(images); // [b, C, S, S], graph kept for the returning gradient
-        let a = ctx
-            .link
-            .send_float(MessageKind::Activations, h.clone().detach(), ctx.device)?;
-        let y = ctx.link.send_labels(labels, ctx.device)?;
+        let (a, y) = ctx.send_up(&h, labels)?;
 
         ctx.memory.enter(Phase::Server);
         let (server_loss, cut_gradient) = ctx.server.train(a, y, lr, true);
@@ -111,10 +124,7 @@ impl Strategy for Decoupled {
     ) -> Result<StepLosses, LinkError> {
         ctx.memory.enter(Phase::Client);
         let h = ctx.client.forward(images); // [b, C, S, S]
-        let a = ctx
-            .link
-            .send_float(MessageKind::Activations, h.clone().detach(), ctx.device)?;
-        let y = ctx.link.send_labels(labels.clone(), ctx.device)?;
+        let (a, y) = ctx.send_up(&h, labels.clone())?;
         let client_loss = ctx.client.train_on_aux_loss(h, labels, lr);
 
         ctx.memory.enter(Phase::Server);
