@@ -19,7 +19,7 @@ use splitaux::train::{PreparedData, RunOptions, run};
 /// Split learning on CIFAR: classic (coupled) versus decoupled training with an auxiliary loss,
 /// with measured accuracy, bytes across the cut and peak memory.
 #[derive(Debug, Parser)]
-#[command(name = "splitaux", version, about, long_about = None)]
+#[command(name = "splitaux", version)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -3,7 +3,8 @@
 //!
 //! Layout: [`data`] reads CIFAR; [`model`] builds the ResNet, its split and the auxiliary heads;
 //! [`link`] is what crosses the cut; [`train`] holds the shared loop and the coupled and
-//! decoupled strategies; [`memory`] measures peaks; [`report`] turns runs into JSON and tables.
+//! decoupled strategies; [`memory`] measures peaks; [`report`] turns runs into JSON and tables;
+//! [`experiment`] runs sweeps and makes paper-style tables and plots from them.
 
 pub mod backend;
 pub mod config;
