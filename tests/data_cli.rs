@@ -8,15 +8,7 @@ use predicates::prelude::*;
 
 #[test]
 fn check_counts_cifar10_per_class() {
-    let out = splitaux()
-        .args(["data", "check", "--json", "--data-dir"])
-        .arg(cifar10())
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let json = common::check_json(&cifar10());
     assert_eq!(json["train"], 50_000);
     assert_eq!(json["test"], 10_000);
     let classes = json["classes"].as_array().unwrap();

@@ -18,15 +18,7 @@ fn real_cifar10() -> PathBuf {
 #[test]
 #[ignore = "needs SPLITAUX_DATA pointing at the real CIFAR-10"]
 fn real_cifar10_has_5000_train_and_1000_test_images_per_class() {
-    let out = splitaux()
-        .args(["data", "check", "--json", "--data-dir"])
-        .arg(real_cifar10())
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let json = common::check_json(&real_cifar10());
     assert_eq!(json["train"], 50_000);
     assert_eq!(json["test"], 10_000);
     for class in json["classes"].as_array().unwrap() {

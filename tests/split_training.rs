@@ -13,7 +13,7 @@ use splitaux::memory::MemoryMeter;
 use splitaux::model::{AuxKind, CutSpec, SplitResNetConfig, cross_entropy};
 use splitaux::train::optim::build_optimizer;
 use splitaux::train::party::{Client, Server, Trainable};
-use splitaux::train::strategy::{Coupled, Decoupled, StepContext, Strategy};
+use splitaux::train::strategy::{Coupled, Decoupled, StepContext, StepLosses, Strategy};
 
 /// Every float parameter of a module, flattened in visiting order.
 struct Flatten(Vec<f32>);
@@ -83,6 +83,49 @@ fn sgd() -> OptimConfig {
     }
 }
 
+/// Everything a split step needs, owned by the test.
+struct Parties {
+    client: Client,
+    server: Server,
+    link: Link,
+    memory: MemoryMeter,
+    device: Device,
+}
+
+impl Parties {
+    fn new(client: Client, server: Server, device: &Device) -> Self {
+        Self {
+            client,
+            server,
+            link: Link::new(),
+            memory: MemoryMeter::new(device, true),
+            device: device.clone(),
+        }
+    }
+
+    fn step(
+        &mut self,
+        strategy: &dyn Strategy,
+        images: &Tensor<4>,
+        labels: &Tensor<1, Int>,
+        lr: f64,
+    ) -> StepLosses {
+        self.memory.begin_step();
+        let mut ctx = StepContext {
+            client: &mut self.client,
+            server: &mut self.server,
+            link: &mut self.link,
+            memory: &mut self.memory,
+            device: &self.device,
+        };
+        let losses = strategy
+            .step(&mut ctx, images.clone(), labels.clone(), lr)
+            .unwrap();
+        self.memory.end_step();
+        losses
+    }
+}
+
 #[test]
 fn coupled_step_equals_end_to_end_step() {
     let _guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
@@ -99,24 +142,14 @@ fn coupled_step_equals_end_to_end_step() {
         );
 
         // Split: two parties, messages over the link.
-        let mut client = Client(Trainable::new(client_model, build_optimizer(&sgd())));
-        let mut server = Server(Trainable::new(server_net, build_optimizer(&sgd())));
-        let mut link = Link::new();
-        let mut memory = MemoryMeter::new(&device, true);
+        let mut split = Parties::new(
+            Client(Trainable::new(client_model, build_optimizer(&sgd()))),
+            Server(Trainable::new(server_net, build_optimizer(&sgd()))),
+            &device,
+        );
         let (images, labels) = batch(&device, 16);
         for _ in 0..2 {
-            memory.begin_step();
-            let mut ctx = StepContext {
-                client: &mut client,
-                server: &mut server,
-                link: &mut link,
-                memory: &mut memory,
-                device: &device,
-            };
-            Coupled
-                .step(&mut ctx, images.clone(), labels.clone(), 0.1)
-                .unwrap();
-            memory.end_step();
+            split.step(&Coupled, &images, &labels, 0.1);
         }
 
         // End to end: one graph through both partitions, one backward, the same optimizer.
@@ -133,13 +166,13 @@ fn coupled_step_equals_end_to_end_step() {
         }
 
         let before = flat(&config(cut).init(&device).unwrap().0.net);
-        let split_client = flat(&client.0.model().net);
+        let split_client = flat(&split.client.0.model().net);
         assert!(
             max_abs_diff(&split_client, &before) > 1e-4,
             "cut {cut}: client trained"
         );
         let diff_client = max_abs_diff(&split_client, &flat(&net));
-        let diff_server = max_abs_diff(&flat(server.0.model()), &flat(&head));
+        let diff_server = max_abs_diff(&flat(split.server.0.model()), &flat(&head));
         assert!(
             diff_client < 1e-5,
             "cut {cut}: client differs by {diff_client}"
@@ -148,7 +181,10 @@ fn coupled_step_equals_end_to_end_step() {
             diff_server < 1e-5,
             "cut {cut}: server differs by {diff_server}"
         );
-        assert_eq!(link.traffic().gradients, link.traffic().activations);
+        assert_eq!(
+            split.link.traffic().gradients,
+            split.link.traffic().activations
+        );
     }
 }
 
@@ -165,37 +201,27 @@ fn decoupled_aux_head_trains_the_client_without_gradients() {
         lr: 0.2,
         ..OptimConfig::default()
     };
-    let mut client = Client(Trainable::new(client_model, build_optimizer(&optim)));
-    let mut server = Server(Trainable::new(server_net, build_optimizer(&optim)));
-    let mut link = Link::new();
-    let mut memory = MemoryMeter::new(&device, true);
+    let mut split = Parties::new(
+        Client(Trainable::new(client_model, build_optimizer(&optim))),
+        Server(Trainable::new(server_net, build_optimizer(&optim))),
+        &device,
+    );
     let (images, labels) = batch(&device, 20);
     let mut aux_losses = Vec::new();
     for _ in 0..8 {
-        memory.begin_step();
-        let mut ctx = StepContext {
-            client: &mut client,
-            server: &mut server,
-            link: &mut link,
-            memory: &mut memory,
-            device: &device,
-        };
-        let losses = Decoupled
-            .step(&mut ctx, images.clone(), labels.clone(), 0.2)
-            .unwrap();
-        memory.end_step();
+        let losses = split.step(&Decoupled, &images, &labels, 0.2);
         aux_losses.push(losses.client.expect("decoupled reports the aux loss"));
     }
-    assert!(max_abs_diff(&flat(&client.0.model().net), &initial_client) > 1e-4);
-    assert!(max_abs_diff(&flat(&client.0.model().aux), &initial_aux) > 1e-4);
-    assert!(max_abs_diff(&flat(server.0.model()), &initial_server) > 1e-4);
+    assert!(max_abs_diff(&flat(&split.client.0.model().net), &initial_client) > 1e-4);
+    assert!(max_abs_diff(&flat(&split.client.0.model().aux), &initial_aux) > 1e-4);
+    assert!(max_abs_diff(&flat(split.server.0.model()), &initial_server) > 1e-4);
     assert!(
         *aux_losses.last().unwrap() < aux_losses[0] - 0.3,
         "aux loss falls on a repeated batch: {aux_losses:?}"
     );
-    assert_eq!(link.traffic().gradients, 0);
-    assert_eq!(link.traffic().messages, 16);
-    let peaks = memory.peaks().unwrap();
+    assert_eq!(split.link.traffic().gradients, 0);
+    assert_eq!(split.link.traffic().messages, 16);
+    let peaks = split.memory.peaks().unwrap();
     assert!(peaks.client_phase > 0 && peaks.server_phase > 0);
 }
 
@@ -207,20 +233,13 @@ fn coupled_client_gradient_matches_plain_sgd_on_client_only() {
     device.seed(4);
     let (client_model, server_net, _) = config(2).init(&device).unwrap();
     let aux_before = flat(&client_model.aux);
-    let mut client = Client(Trainable::new(client_model, SgdConfig::new().init()));
-    let mut server = Server(Trainable::new(server_net, SgdConfig::new().init()));
-    let mut link = Link::new();
-    let mut memory = MemoryMeter::new(&device, true);
+    let mut split = Parties::new(
+        Client(Trainable::new(client_model, SgdConfig::new().init())),
+        Server(Trainable::new(server_net, SgdConfig::new().init())),
+        &device,
+    );
     let (images, labels) = batch(&device, 8);
-    memory.begin_step();
-    let mut ctx = StepContext {
-        client: &mut client,
-        server: &mut server,
-        link: &mut link,
-        memory: &mut memory,
-        device: &device,
-    };
-    let losses = Coupled.step(&mut ctx, images, labels, 0.1).unwrap();
+    let losses = split.step(&Coupled, &images, &labels, 0.1);
     assert!(losses.client.is_none());
-    assert_eq!(flat(&client.0.model().aux), aux_before);
+    assert_eq!(flat(&split.client.0.model().aux), aux_before);
 }

@@ -190,3 +190,16 @@ pub const TINY: [&str; 14] = [
     "--set",
     "train.threads=2",
 ];
+
+/// `splitaux data check --json` on `dir`, parsed.
+pub fn check_json(dir: &Path) -> serde_json::Value {
+    let out = splitaux()
+        .args(["data", "check", "--json", "--data-dir"])
+        .arg(dir)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice(&out).unwrap()
+}
