@@ -8,7 +8,7 @@ use predicates::prelude::*;
 
 #[test]
 fn check_counts_cifar10_per_class() {
-    let json = common::check_json(&cifar10());
+    let json = common::check_json(cifar10());
     assert_eq!(json["train"], 50_000);
     assert_eq!(json["test"], 10_000);
     let classes = json["classes"].as_array().unwrap();
