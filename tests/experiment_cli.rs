@@ -139,22 +139,7 @@ fn killed_sweep_leaves_valid_log_and_resumes() {
     child.wait().unwrap();
     let survived = lines(&log).len();
     assert!((1..6).contains(&survived), "{survived}");
-    splitaux()
-        .args([
-            "sweep",
-            "--offline",
-            "--quiet",
-            "--grid",
-            "train.seed=0,1,2,3,4,5",
-            "--config",
-        ])
-        .arg(base_file(dir.path()))
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .arg("--data-dir")
-        .arg(cifar10())
-        .assert()
-        .success();
+    sweep(dir.path(), &["--quiet", "--grid", "train.seed=0,1,2,3,4,5"]).success();
     let mut ids: Vec<String> = lines(&log)
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_string())

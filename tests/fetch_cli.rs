@@ -88,24 +88,29 @@ fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-#[test]
-fn fetch_verifies_and_extracts() {
-    let tarball = cifar10_tarball();
-    let url = serve(tarball.to_vec());
-    let root = tempfile::tempdir().unwrap();
+/// `splitaux data fetch cifar10` from `url` expecting `md5`, into `root`.
+fn fetch_cifar10(url: &str, md5: &str, root: &Path) -> assert_cmd::assert::Assert {
     splitaux()
         .args([
             "data",
             "fetch",
             "cifar10",
             "--url",
-            &url,
+            url,
             "--md5",
-            &md5_hex(tarball),
+            md5,
             "--data-dir",
         ])
-        .arg(root.path())
+        .arg(root)
         .assert()
+}
+
+#[test]
+fn fetch_verifies_and_extracts() {
+    let tarball = cifar10_tarball();
+    let url = serve(tarball.to_vec());
+    let root = tempfile::tempdir().unwrap();
+    fetch_cifar10(&url, &md5_hex(tarball), root.path())
         .success()
         .stdout(predicate::str::contains("cifar10 ready in"));
     assert_eq!(
@@ -122,19 +127,7 @@ fn fetch_verifies_and_extracts() {
             "50000 train and 10000 test images",
         ));
     // A second fetch refuses to overwrite.
-    splitaux()
-        .args([
-            "data",
-            "fetch",
-            "cifar10",
-            "--url",
-            &url,
-            "--md5",
-            &md5_hex(tarball),
-            "--data-dir",
-        ])
-        .arg(root.path())
-        .assert()
+    fetch_cifar10(&url, &md5_hex(tarball), root.path())
         .failure()
         .stderr(predicate::str::contains("already exists"));
 }
@@ -165,19 +158,7 @@ fn path_traversal_entry_is_refused() {
     let url = serve(tarball.clone());
     let outer = tempfile::tempdir().unwrap();
     let root = outer.path().join("data");
-    splitaux()
-        .args([
-            "data",
-            "fetch",
-            "cifar10",
-            "--url",
-            &url,
-            "--md5",
-            &md5_hex(&tarball),
-            "--data-dir",
-        ])
-        .arg(&root)
-        .assert()
+    fetch_cifar10(&url, &md5_hex(&tarball), &root)
         .failure()
         .stderr(predicate::str::contains(
             "`../escaped.txt` would be written outside",
