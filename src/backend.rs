@@ -1,6 +1,8 @@
 //! Which burn backend runs the tensors.
 
 use burn::tensor::Device;
+
+use crate::memory;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +43,11 @@ impl BackendKind {
     }
 }
 
-/// Sets the number of CPU worker threads (0 = one per core). Only the first call in a process
-/// takes effect; later calls are ignored, as the pool already runs.
-pub fn set_cpu_threads(threads: usize) {
+/// Prepares the process for CPU training: the allocator keeps freed buffers for reuse
+/// ([`memory::retain_freed_memory`]), and the number of worker threads is set (0 = one per
+/// core). Only the first thread count in a process takes effect; the pool then runs.
+pub fn configure_cpu(threads: usize) {
+    memory::retain_freed_memory();
     if threads > 0 {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -10,6 +10,7 @@ use splitaux::backend::BackendKind;
 use splitaux::config::{ExperimentConfig, Mode};
 use splitaux::data::{self, DatasetKind, LabelSet, fetch, locate};
 use splitaux::experiment::table::{Metric, aggregate};
+use splitaux::kernels::Kernels;
 use splitaux::experiment::{Axis, Sweep, SweepOptions, plot as plots, read_records, run_sweep};
 use splitaux::model::{AuxKind, CutSpec};
 use splitaux::report::{self, Report, human_bytes};
@@ -207,6 +208,9 @@ pub struct BenchArgs {
     pub threads: usize,
     #[arg(long, value_enum, default_value = "flex")]
     pub backend: BackendKind,
+    /// Convolution and BatchNorm implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: Kernels,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -409,6 +413,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         threads: args.threads,
         classes: 10,
         backend: args.backend,
+        kernels: args.kernels,
     };
     let result = bench(&config)?;
     if args.json {

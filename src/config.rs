@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 use crate::data::{DatasetKind, LabelSet, SubsetRule};
+use crate::kernels::Kernels;
 use crate::model::{AuxKind, CutSpec};
 
 /// Everything one run needs. The TOML layout mirrors this structure: `[data]`, `[model]`,
@@ -62,6 +63,9 @@ pub struct ModelConfig {
     pub cut: CutSpec,
     /// Auxiliary head: `linear` (the paper's), `mlp` or `cnn`.
     pub aux: AuxKind,
+    /// Convolution and BatchNorm implementation: `fused` (splitaux's CPU kernels on flex) or
+    /// `burn` (burn's modules).
+    pub kernels: Kernels,
 }
 
 impl Default for ModelConfig {
@@ -70,6 +74,7 @@ impl Default for ModelConfig {
             depth: 20,
             cut: CutSpec::default(),
             aux: AuxKind::Linear,
+            kernels: Kernels::Fused,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod experiment;
+pub mod kernels;
 pub mod link;
 pub mod memory;
 pub mod model;

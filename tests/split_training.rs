@@ -8,6 +8,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use splitaux::config::OptimConfig;
+use splitaux::kernels::Kernels;
 use splitaux::link::Link;
 use splitaux::memory::MemoryMeter;
 use splitaux::model::{AuxKind, CutSpec, SplitResNetConfig, cross_entropy};
@@ -71,6 +72,7 @@ fn config(cut: usize) -> SplitResNetConfig {
         classes: 10,
         cut: CutSpec::Blocks(cut),
         aux: AuxKind::Linear,
+        kernels: Kernels::Fused,
     }
 }
 

@@ -5,10 +5,11 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::ops::PadMode;
 use burn::tensor::s;
 use burn::tensor::{Device, Tensor};
+
+use crate::kernels::{self, Kernels};
 
 /// Channels of the three stages.
 pub const STAGE_WIDTHS: [usize; 3] = [16, 32, 64];
@@ -88,13 +89,16 @@ pub fn block_specs(n: usize) -> Vec<BlockSpec> {
 pub struct Stem {
     conv: Conv2d,
     bn: BatchNorm,
+    #[module(skip)]
+    kernels: Kernels,
 }
 
 impl Stem {
-    pub fn init(device: &Device) -> Self {
+    pub fn init(kernels: Kernels, device: &Device) -> Self {
         Self {
             conv: conv3x3(3, STAGE_WIDTHS[0], 1, device),
             bn: BatchNormConfig::new(STAGE_WIDTHS[0]).init(device),
+            kernels,
         }
     }
 
@@ -102,7 +106,8 @@ impl Stem {
     /// - input: `[batch, 3, 32, 32]`
     /// - output: `[batch, 16, 32, 32]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        relu(self.bn.forward(self.conv.forward(x)))
+        let k = self.kernels;
+        kernels::batch_norm(k, &self.bn, kernels::conv2d(k, &self.conv, x), None, true)
     }
 }
 
@@ -117,10 +122,12 @@ pub struct BasicBlock {
     stride: usize,
     /// Zero channels added on each side of the shortcut: `(out - in) / 2`.
     channel_pad: usize,
+    #[module(skip)]
+    kernels: Kernels,
 }
 
 impl BasicBlock {
-    pub fn init(spec: BlockSpec, device: &Device) -> Self {
+    pub fn init(spec: BlockSpec, kernels: Kernels, device: &Device) -> Self {
         Self {
             conv1: conv3x3(spec.in_channels, spec.out_channels, spec.stride, device),
             bn1: BatchNormConfig::new(spec.out_channels).init(device),
@@ -128,6 +135,7 @@ impl BasicBlock {
             bn2: BatchNormConfig::new(spec.out_channels).init(device),
             stride: spec.stride,
             channel_pad: (spec.out_channels - spec.in_channels) / 2,
+            kernels,
         }
     }
 
@@ -135,8 +143,10 @@ impl BasicBlock {
     /// - input: `[batch, in, side, side]`
     /// - output: `[batch, out, side / stride, side / stride]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
-        let out = self.bn2.forward(self.conv2.forward(out));
+        let k = self.kernels;
+        let out = kernels::conv2d(k, &self.conv1, x.clone());
+        let out = kernels::batch_norm(k, &self.bn1, out, None, true);
+        let out = kernels::conv2d(k, &self.conv2, out);
         let shortcut = if self.stride == 1 && self.channel_pad == 0 {
             x
         } else {
@@ -144,7 +154,7 @@ impl BasicBlock {
             let p = self.channel_pad;
             sub.pad([(p, p), (0, 0), (0, 0)], PadMode::Constant(0.0)) // [b, out, side/2, side/2]
         };
-        relu(out + shortcut)
+        kernels::batch_norm(k, &self.bn2, out, Some(shortcut), true) // relu(bn2(out) + shortcut)
     }
 }
 
@@ -185,6 +195,7 @@ mod tests {
                 out_channels: 32,
                 stride: 2,
             },
+            Kernels::Fused,
             &device,
         );
         let x = Tensor::<4>::ones([2, 16, 8, 8], &device);

@@ -7,6 +7,8 @@ use burn::tensor::module::adaptive_avg_pool2d;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::Kernels;
+
 use super::aux_head::{AuxHead, AuxHeadConfig, AuxKind};
 use super::resnet::{
     BasicBlock, INPUT_SIDE, STAGE_WIDTHS, ShapeError, Stem, block_specs, blocks_per_stage,
@@ -159,6 +161,8 @@ pub struct SplitResNetConfig {
     pub classes: usize,
     pub cut: CutSpec,
     pub aux: AuxKind,
+    /// Which implementation runs convolutions and BatchNorms.
+    pub kernels: Kernels,
 }
 
 impl SplitResNetConfig {
@@ -168,10 +172,10 @@ impl SplitResNetConfig {
     pub fn init(&self, device: &Device) -> Result<(ClientModel, ServerNet, Cut), ShapeError> {
         let cut = Cut::resolve(self.cut, self.depth)?;
         let n = blocks_per_stage(self.depth)?;
-        let stem = Stem::init(device);
+        let stem = Stem::init(self.kernels, device);
         let mut blocks: Vec<BasicBlock> = block_specs(n)
             .into_iter()
-            .map(|spec| BasicBlock::init(spec, device))
+            .map(|spec| BasicBlock::init(spec, self.kernels, device))
             .collect();
         super::materialize(&stem);
         super::materialize(&blocks);
@@ -234,6 +238,7 @@ mod tests {
                 classes: 10,
                 cut: CutSpec::Blocks(blocks),
                 aux: AuxKind::Linear,
+                kernels: Kernels::Fused,
             };
             let (client, server, cut) = config.init(&device).unwrap();
             let h = client.net.forward(Tensor::zeros([2, 3, 32, 32], &device));

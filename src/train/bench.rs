@@ -10,9 +10,10 @@ use super::optim::build_optimizer;
 use super::party::{Client, Server, Trainable};
 use super::runner::RunError;
 use super::strategy::{StepContext, strategy_for};
-use crate::backend::{BackendKind, set_cpu_threads};
+use crate::backend::{BackendKind, configure_cpu};
 use crate::config::{Mode, OptimConfig};
 use crate::data::batch::epoch_rng;
+use crate::kernels::Kernels;
 use crate::link::Link;
 use crate::memory::MemoryMeter;
 use crate::model::{AuxKind, CutSpec, SplitResNetConfig};
@@ -31,6 +32,7 @@ pub struct BenchConfig {
     pub threads: usize,
     pub classes: usize,
     pub backend: BackendKind,
+    pub kernels: Kernels,
 }
 
 /// Measured speed and memory.
@@ -51,7 +53,7 @@ pub struct BenchResult {
 
 /// Runs `warmup` untimed steps, then `steps` timed ones.
 pub fn bench(config: &BenchConfig) -> Result<BenchResult, RunError> {
-    set_cpu_threads(config.threads);
+    configure_cpu(config.threads);
     let device = config.backend.device()?;
     let train_device = device.clone().autodiff();
     train_device.seed(0);
@@ -60,6 +62,7 @@ pub fn bench(config: &BenchConfig) -> Result<BenchResult, RunError> {
         classes: config.classes,
         cut: config.cut,
         aux: config.aux,
+        kernels: config.kernels,
     }
     .init(&train_device)?;
     let optim = OptimConfig::default();

@@ -10,7 +10,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use super::optim::{LrSchedule, build_optimizer};
 use super::party::{Client, Server, Trainable};
 use super::strategy::{StepContext, StepLosses, strategy_for};
-use crate::backend::{BackendError, set_cpu_threads};
+use crate::backend::{BackendError, configure_cpu};
 use crate::config::{ExperimentConfig, Mode};
 use crate::data::batch::{epoch_order, epoch_rng};
 use crate::data::{Batcher, Cifar, Normalization, Split, subset};
@@ -92,7 +92,7 @@ pub fn run(
     if data.train.is_empty() {
         return Err(RunError::NoTrainingData);
     }
-    set_cpu_threads(config.train.threads);
+    configure_cpu(config.train.threads);
     let device = config.train.backend.device()?;
     let train_device = device.clone().autodiff();
     device.seed(config.train.seed);
@@ -103,6 +103,7 @@ pub fn run(
         classes: data.classes,
         cut: config.model.cut,
         aux: config.model.aux,
+        kernels: config.model.kernels,
     }
     .init(&train_device)?;
     let parameters = Parameters {

@@ -1,0 +1,354 @@
+//! The burn side of the kernels: the [`CpuKernels`] backend extension, its implementation on
+//! `Flex` (forward only) and on `Autodiff<Flex>` (forward plus a backward node per call).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Flex, backend_extension};
+use burn::tensor::{Bytes, DType, Shape};
+use burn_flex::{FlexTensor, Layout};
+
+use super::batch_norm::{self, Epilogue, NormShape, Stats};
+use super::conv::{self, ConvGeometry};
+
+/// Operations splitaux supplies to burn for its CPU backend.
+#[backend_extension(Flex, Autodiff)]
+pub trait CpuKernels: Backend {
+    /// Convolution without bias: square kernel, `stride` and `padding` on both axes.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, k, k]`
+    /// - output: `[batch, out, (h + 2p − k)/s + 1, (w + 2p − k)/s + 1]`
+    fn conv2d_nchw(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Training-mode BatchNorm with the batch's statistics, then ReLU if `relu`. Returns the
+    /// output, the batch mean and the biased batch variance.
+    ///
+    /// # Shapes
+    /// - `x`, output: `[batch, channels, h, w]`
+    /// - `gamma`, `beta`, mean, variance: `[channels]`
+    fn batch_norm_nchw(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        relu: bool,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `relu(batch_norm(x) + residual)`, the end of a residual block; otherwise as
+    /// [`batch_norm_nchw`](CpuKernels::batch_norm_nchw).
+    ///
+    /// # Shapes
+    /// - `x`, `residual`, output: `[batch, channels, h, w]`
+    /// - `gamma`, `beta`, mean, variance: `[channels]`
+    fn batch_norm_add_relu_nchw(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// `t` in a dense row-major buffer (a copy only if it was a strided view).
+fn dense(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("kernel inputs are dense f32 tensors (made so by `dense`)")
+}
+
+fn flex(data: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(shape.into()),
+        DType::F32,
+    )
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.layout().shape();
+    assert_eq!(shape.num_dims(), 4, "kernel input must be rank 4, got {shape:?}");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn geometry(x: &FlexTensor, weight: &FlexTensor, stride: usize, padding: usize) -> ConvGeometry {
+    let [batch, in_channels, height, width] = dims4(x);
+    let [out_channels, w_in, kernel, kw] = dims4(weight);
+    assert!(
+        w_in == in_channels && kernel == kw && height + 2 * padding >= kernel,
+        "conv2d_nchw: input {:?} and weight {:?} do not fit",
+        dims4(x),
+        dims4(weight)
+    );
+    ConvGeometry {
+        batch,
+        in_channels,
+        out_channels,
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+    }
+}
+
+fn conv_forward(x: &FlexTensor, weight: &FlexTensor, stride: usize, padding: usize) -> FlexTensor {
+    let g = geometry(x, weight, stride, padding);
+    let y = conv::forward(&g, values(x), values(weight));
+    flex(y, [g.batch, g.out_channels, g.out_height(), g.out_width()])
+}
+
+fn norm_shape(x: &FlexTensor) -> NormShape {
+    let [batch, channels, h, w] = dims4(x);
+    NormShape {
+        batch,
+        channels,
+        plane: h * w,
+    }
+}
+
+/// Forward BatchNorm on dense inputs: `(y, stats)`.
+fn norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    residual: Option<&FlexTensor>,
+    relu: bool,
+    epsilon: f64,
+) -> (FlexTensor, Stats) {
+    let (y, stats) = batch_norm::forward(
+        norm_shape(x),
+        values(x),
+        values(gamma),
+        values(beta),
+        residual.map(values),
+        relu,
+        epsilon,
+    );
+    (flex(y, x.layout().shape().clone()), stats)
+}
+
+fn stats_tensors(stats: &Stats) -> (FlexTensor, FlexTensor) {
+    let c = stats.mean.len();
+    (flex(stats.mean.clone(), [c]), flex(stats.variance.clone(), [c]))
+}
+
+impl CpuKernels for Flex {
+    fn conv2d_nchw(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
+        conv_forward(&dense(x), &dense(weight), stride, padding)
+    }
+
+    fn batch_norm_nchw(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        relu: bool,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        norm_plain([x, gamma, beta], relu, epsilon)
+    }
+
+    fn batch_norm_add_relu_nchw(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        residual: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        norm_plain([x, gamma, beta, residual], true, epsilon)
+    }
+}
+
+/// BatchNorm forward on `[x, gamma, beta]` or `[x, gamma, beta, residual]`: `(y, mean, variance)`.
+fn norm_plain<const N: usize>(
+    inputs: [FlexTensor; N],
+    relu: bool,
+    epsilon: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let (x, gamma, beta, residual) = norm_inputs(inputs);
+    let (y, stats) = norm_forward(&x, &gamma, &beta, residual.as_ref(), relu, epsilon);
+    let (mean, variance) = stats_tensors(&stats);
+    (y, mean, variance)
+}
+
+/// `[x, gamma, beta]` or `[x, gamma, beta, residual]`, each made dense.
+fn norm_inputs<const N: usize>(
+    inputs: [FlexTensor; N],
+) -> (FlexTensor, FlexTensor, FlexTensor, Option<FlexTensor>) {
+    let mut inputs = inputs.into_iter().map(dense);
+    let mut next = || inputs.next().expect("BatchNorm takes x, gamma and beta");
+    let (x, gamma, beta) = (next(), next(), next());
+    (x, gamma, beta, inputs.next())
+}
+
+/// Registers each gradient with the parent it belongs to, if that parent is tracked.
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    parents: [Option<NodeId>; N],
+    gradients: [Option<FlexTensor>; N],
+) {
+    for (parent, gradient) in parents.into_iter().zip(gradients) {
+        if let (Some(id), Some(gradient)) = (parent, gradient) {
+            grads.register::<Flex>(id, gradient);
+        }
+    }
+}
+
+/// Backward node of [`CpuKernels::conv2d_nchw`]; parents `[x, weight]`.
+#[derive(Debug)]
+struct ConvBackward;
+
+impl Backward<Flex, 2> for ConvBackward {
+    /// Dense input, dense weight, stride, padding.
+    type State = (FlexTensor, FlexTensor, usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight, stride, padding) = ops.state;
+        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let [want_x, want_w] = ops.parents.each_ref().map(Option::is_some);
+        let g = geometry(&x, &weight, stride, padding);
+        let (dx, dw) = conv::backward(&g, values(&x), values(&weight), values(&dy), want_x, want_w);
+        let dx = dx.map(|dx| flex(dx, x.layout().shape().clone()));
+        let dw = dw.map(|dw| flex(dw, weight.layout().shape().clone()));
+        register(grads, ops.parents.map(|p| p.map(|node| node.id)), [dx, dw]);
+    }
+}
+
+/// What the BatchNorm backward needs from its forward.
+#[derive(Debug, Clone)]
+struct NormState {
+    x: FlexTensor,
+    y: FlexTensor,
+    gamma: FlexTensor,
+    mean: Vec<f32>,
+    variance: Vec<f32>,
+    relu: bool,
+    epsilon: f64,
+}
+
+/// Backward node of [`CpuKernels::batch_norm_nchw`]; parents `[x, gamma, beta]`, plus
+/// `residual` when `N = 4`.
+#[derive(Debug)]
+struct NormBackward<const N: usize>;
+
+impl<const N: usize> Backward<Flex, N> for NormBackward<N> {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let stats = Stats {
+            mean: s.mean,
+            variance: s.variance,
+        };
+        let epilogue = Epilogue {
+            residual: N == 4,
+            relu: s.relu,
+        };
+        let shape = norm_shape(&s.x);
+        let g = batch_norm::backward(
+            shape,
+            values(&s.x),
+            values(&s.y),
+            values(&dy),
+            values(&s.gamma),
+            &stats,
+            epilogue,
+            s.epsilon,
+        );
+        let full = s.x.layout().shape().clone();
+        let c = shape.channels;
+        let mut gradients = [
+            Some(flex(g.dx, full.clone())),
+            Some(flex(g.dgamma, [c])),
+            Some(flex(g.dbeta, [c])),
+            g.d_residual.map(|d| flex(d, full)),
+        ]
+        .into_iter();
+        let gradients: [Option<FlexTensor>; N] = std::array::from_fn(|_| gradients.next().flatten());
+        register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
+    }
+}
+
+type AdTensor = FloatTensor<Autodiff<Flex>>;
+
+/// Runs the BatchNorm forward on autodiff inputs and records `NormBackward<N>` when tracked.
+fn norm_autodiff<C: CheckpointStrategy, const N: usize>(
+    inputs: [&AdTensor; N],
+    relu: bool,
+    epsilon: f64,
+) -> (AdTensor, AdTensor, AdTensor) {
+    let (x, gamma, beta, residual) = norm_inputs(inputs.map(|t| t.primitive().clone()));
+    let (y, stats) = norm_forward(&x, &gamma, &beta, residual.as_ref(), relu, epsilon);
+    let (mean, variance) = stats_tensors(&stats);
+    let output = match NormBackward::<N>
+        .prepare::<C>(inputs.map(|t| t.node()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = NormState {
+                x,
+                y: y.clone(),
+                gamma,
+                mean: stats.mean,
+                variance: stats.variance,
+                relu,
+                epsilon,
+            };
+            prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    (output, AdTensor::new(mean), AdTensor::new(variance))
+}
+
+impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
+    fn conv2d_nchw(x: AdTensor, weight: AdTensor, stride: usize, padding: usize) -> AdTensor {
+        let (xp, wp) = (dense(x.primitive().clone()), dense(weight.primitive().clone()));
+        let y = conv_forward(&xp, &wp, stride, padding);
+        match ConvBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((xp, wp, stride, padding), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn batch_norm_nchw(
+        x: AdTensor,
+        gamma: AdTensor,
+        beta: AdTensor,
+        relu: bool,
+        epsilon: f64,
+    ) -> (AdTensor, AdTensor, AdTensor) {
+        norm_autodiff::<C, 3>([&x, &gamma, &beta], relu, epsilon)
+    }
+
+    fn batch_norm_add_relu_nchw(
+        x: AdTensor,
+        gamma: AdTensor,
+        beta: AdTensor,
+        residual: AdTensor,
+        epsilon: f64,
+    ) -> (AdTensor, AdTensor, AdTensor) {
+        norm_autodiff::<C, 4>([&x, &gamma, &beta, &residual], true, epsilon)
+    }
+}

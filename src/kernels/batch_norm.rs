@@ -1,0 +1,259 @@
+//! Training-mode BatchNorm on NCHW `f32` slices, fused with what follows it in a ResNet: an
+//! optional residual addition and an optional ReLU. Forward is two passes over the input
+//! (statistics per channel, then the affine map per image); backward is two passes (two sums per
+//! channel, then the input gradient per image). burn's generic formulation instead transposes the
+//! input to reduce it and runs about a dozen element-wise tensor ops, each with its own buffer.
+
+use rayon::prelude::*;
+
+/// Layout of a BatchNorm input `[batch, channels, plane]` (plane = h·w).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub plane: usize,
+}
+
+impl NormShape {
+    fn len(&self) -> usize {
+        self.batch * self.channels * self.plane
+    }
+
+    /// Values each channel is normalized over, `batch · plane`.
+    fn count(&self) -> f64 {
+        (self.batch * self.plane) as f64
+    }
+
+    /// The `batch` runs of one channel, each `plane` long.
+    fn runs<'a>(&self, data: &'a [f32], channel: usize) -> impl Iterator<Item = &'a [f32]> {
+        let (c, p) = (self.channels, self.plane);
+        (0..self.batch).map(move |n| &data[(n * c + channel) * p..][..p])
+    }
+}
+
+/// What follows the normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epilogue {
+    /// A residual of the input's shape is added after the affine map.
+    pub residual: bool,
+    /// ReLU is applied last.
+    pub relu: bool,
+}
+
+/// Batch statistics: per-channel mean and biased variance (what BatchNorm normalizes with and
+/// what its running statistics are fed).
+pub struct Stats {
+    pub mean: Vec<f32>,
+    pub variance: Vec<f32>,
+}
+
+/// SIMD width the reductions are written for: eight independent partial sums per quantity, so
+/// the compiler can vectorize them (a single running float sum cannot be reordered).
+const LANES: usize = 8;
+
+/// `(Σ fa(i), Σ fb(i))` over `i in 0..len`, in `LANES` partial sums, accumulated in f64 at the end.
+#[inline(always)]
+fn sum2(len: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
+    let (mut a, mut b) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let body = len / LANES * LANES;
+    for i in (0..body).step_by(LANES) {
+        for l in 0..LANES {
+            let (fa, fb) = f(i + l);
+            a[l] += fa;
+            b[l] += fb;
+        }
+    }
+    for i in body..len {
+        let (fa, fb) = f(i);
+        a[0] += fa;
+        b[0] += fb;
+    }
+    let total = |v: [f32; LANES]| v.iter().map(|&x| x as f64).sum::<f64>();
+    (total(a), total(b))
+}
+
+fn statistics(s: NormShape, x: &[f32]) -> Stats {
+    let (mean, variance) = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
+            let shift = x[c * s.plane];
+            let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
+            for run in s.runs(x, c) {
+                let (a, b) = sum2(run.len(), |i| {
+                    let d = run[i] - shift;
+                    (d, d * d)
+                });
+                sum += a;
+                sum_sq += b;
+            }
+            let mean = sum / s.count();
+            let variance = (sum_sq / s.count() - mean * mean).max(0.0);
+            ((mean + shift as f64) as f32, variance as f32)
+        })
+        .unzip();
+    Stats { mean, variance }
+}
+
+fn inv_std(variance: f32, epsilon: f64) -> f32 {
+    (1.0 / (variance as f64 + epsilon).sqrt()) as f32
+}
+
+/// `y = epilogue(γ·(x − mean)/√(var + ε) + β)` with the batch's own statistics.
+///
+/// # Shapes
+/// - `x`, `residual`, returned `y`: `[batch, channels, plane]`
+/// - `gamma`, `beta`, returned statistics: `[channels]`
+pub fn forward(
+    s: NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    epsilon: f64,
+) -> (Vec<f32>, Stats) {
+    assert_eq!(x.len(), s.len(), "batch norm: input length");
+    assert!(residual.is_none_or(|r| r.len() == s.len()), "batch norm: residual length");
+    let stats = statistics(s, x);
+    let (scale, shift): (Vec<f32>, Vec<f32>) = (0..s.channels)
+        .map(|c| {
+            let scale = gamma[c] * inv_std(stats.variance[c], epsilon);
+            (scale, beta[c] - stats.mean[c] * scale)
+        })
+        .unzip();
+
+    let image = s.channels * s.plane;
+    let mut y = vec![0.0; s.len()];
+    y.par_chunks_mut(image).enumerate().for_each(|(n, yn)| {
+        let xn = &x[n * image..][..image];
+        let rn = residual.map(|r| &r[n * image..][..image]);
+        for c in 0..s.channels {
+            let range = c * s.plane..(c + 1) * s.plane;
+            let (yc, xc) = (&mut yn[range.clone()], &xn[range.clone()]);
+            let (a, b) = (scale[c], shift[c]);
+            match rn {
+                Some(r) => {
+                    for ((y, &x), &r) in yc.iter_mut().zip(xc).zip(&r[range]) {
+                        *y = x * a + b + r;
+                    }
+                }
+                None => {
+                    for (y, &x) in yc.iter_mut().zip(xc) {
+                        *y = x * a + b;
+                    }
+                }
+            }
+            if relu {
+                yc.iter_mut().for_each(|y| *y = y.max(0.0));
+            }
+        }
+    });
+    (y, stats)
+}
+
+/// What [`backward`] returns.
+pub struct Gradients {
+    pub dx: Vec<f32>,
+    /// The gradient reaching the residual input (present when the epilogue adds one).
+    pub d_residual: Option<Vec<f32>>,
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
+}
+
+/// Gradients of [`forward`] given the output gradient `dy` and the forward output `y` (which
+/// supplies the ReLU's mask).
+///
+/// # Shapes
+/// - `x`, `y`, `dy`, returned `dx` and `d_residual`: `[batch, channels, plane]`
+/// - `gamma`, `stats`, returned `dgamma`, `dbeta`: `[channels]`
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    s: NormShape,
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &Stats,
+    epilogue: Epilogue,
+    epsilon: f64,
+) -> Gradients {
+    assert!(
+        x.len() == s.len() && y.len() == s.len() && dy.len() == s.len(),
+        "batch norm backward: lengths"
+    );
+    // g = dy masked by the ReLU: the gradient at the affine map's output (and at the residual).
+    let masked = |g: f32, y: f32| if !epilogue.relu || y > 0.0 { g } else { 0.0 };
+
+    // Σ g and Σ g·(x − mean) per channel.
+    let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            let mean = stats.mean[c];
+            let (mut sum, mut sum_x) = (0.0f64, 0.0f64);
+            for ((xr, yr), gr) in s.runs(x, c).zip(s.runs(y, c)).zip(s.runs(dy, c)) {
+                let (a, b) = sum2(xr.len(), |i| {
+                    let g = masked(gr[i], yr[i]);
+                    (g, g * (xr[i] - mean))
+                });
+                sum += a;
+                sum_x += b;
+            }
+            (sum as f32, sum_x as f32)
+        })
+        .unzip();
+
+    // dx = γ·σ⁻¹·(g − Σg/M − x̂·Σ(g·x̂)/M), with x̂ = (x − mean)·σ⁻¹, written as k_g·g + k_x·(x − mean) + k_0.
+    let m = s.count() as f32;
+    let mut dgamma = vec![0.0; s.channels];
+    let mut coefficients = Vec::with_capacity(s.channels);
+    for c in 0..s.channels {
+        let inv = inv_std(stats.variance[c], epsilon);
+        dgamma[c] = dgamma_raw[c] * inv;
+        let k_g = gamma[c] * inv;
+        coefficients.push((k_g, -k_g * inv * dgamma[c] / m, -k_g * dbeta[c] / m, stats.mean[c]));
+    }
+
+    let image = s.channels * s.plane;
+    let mut dx = vec![0.0; s.len()];
+    let mut d_residual = epilogue.residual.then(|| vec![0.0; s.len()]);
+    let d_residual_runs: Vec<Option<&mut [f32]>> = match d_residual.as_mut() {
+        Some(d) => d.chunks_mut(image).map(Some).collect(),
+        None => (0..s.batch).map(|_| None).collect(),
+    };
+    dx.par_chunks_mut(image)
+        .zip(d_residual_runs)
+        .enumerate()
+        .for_each(|(n, (dxn, mut drn))| {
+            let run = n * image..(n + 1) * image;
+            let (xn, yn, gn) = (&x[run.clone()], &y[run.clone()], &dy[run]);
+            for (c, &(k_g, k_x, k_0, mean)) in coefficients.iter().enumerate() {
+                let range = c * s.plane..(c + 1) * s.plane;
+                let rows = dxn[range.clone()]
+                    .iter_mut()
+                    .zip(&xn[range.clone()])
+                    .zip(&yn[range.clone()])
+                    .zip(&gn[range.clone()]);
+                match drn.as_deref_mut() {
+                    Some(dr) => {
+                        for ((((dx, &x), &y), &g), dr) in rows.zip(&mut dr[range]) {
+                            let g = masked(g, y);
+                            *dr = g;
+                            *dx = k_g * g + k_x * (x - mean) + k_0;
+                        }
+                    }
+                    None => {
+                        for (((dx, &x), &y), &g) in rows {
+                            *dx = k_g * masked(g, y) + k_x * (x - mean) + k_0;
+                        }
+                    }
+                }
+            }
+        });
+    Gradients {
+        dx,
+        d_residual,
+        dgamma,
+        dbeta,
+    }
+}

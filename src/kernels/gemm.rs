@@ -1,0 +1,126 @@
+//! A safe face for the `gemm` crate's single-threaded f32 matrix product (the crate burn-flex
+//! multiplies with). Our kernels parallelize over images themselves, one product per image.
+
+/// A read-only strided view of a `rows × cols` matrix: element `(i, j)` is at
+/// `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, without copying.
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Index one past the last element the view can touch.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+        }
+    }
+}
+
+/// `dst = a · b` (or `dst += a · b` when `accumulate`), with `dst` row-major `a.rows × b.cols`.
+///
+/// # Panics
+/// If the shapes disagree or a view reaches past its slice (a bug in the caller).
+pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul: inner dimensions differ");
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "matmul: view out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every index the product reads or writes inside its slice,
+    // `dst` is borrowed mutably so it aliases neither input, and `Parallelism::None` runs on this
+    // thread only.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
+        let mut out = vec![0.0; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                out[i * b.cols + j] = (0..a.cols)
+                    .map(|p| {
+                        a.data[i * a.row_stride + p * a.col_stride]
+                            * b.data[p * b.row_stride + j * b.col_stride]
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_of_strided_views_match_the_definition() {
+        let a: Vec<f32> = (0..12).map(|v| v as f32 * 0.5 - 2.0).collect(); // 3×4
+        let b: Vec<f32> = (0..20).map(|v| (v % 7) as f32 - 3.0).collect(); // 4×5
+        let (a, b) = (MatRef::row_major(&a, 3, 4), MatRef::row_major(&b, 4, 5));
+        let mut dst = vec![0.0; 15];
+        matmul(&mut dst, a, b, false);
+        assert_eq!(dst, naive(a, b));
+
+        // Transposed views: (bᵀ)ᵀ = b, and accumulation adds.
+        let bt: Vec<f32> = (0..5)
+            .flat_map(|j| (0..4).map(move |i| (i, j)))
+            .map(|(i, j)| b.data[i * 5 + j])
+            .collect();
+        let mut again = dst.clone();
+        matmul(&mut again, a, MatRef::row_major(&bt, 5, 4).t(), true);
+        let doubled: Vec<f32> = dst.iter().map(|v| 2.0 * v).collect();
+        assert_eq!(again, doubled);
+    }
+}

@@ -1,0 +1,151 @@
+//! splitaux's own CPU kernels for the two operations that dominate a CIFAR ResNet step:
+//! 3×3 convolution and training-mode BatchNorm (fused with the residual addition and ReLU after
+//! it). They plug into burn as a backend extension ([`CpuKernels`]): a forward on burn's `flex`
+//! tensors and, for `Autodiff<Flex>`, a hand-written backward node, so the rest of the model,
+//! the optimizers and autodiff stay burn's.
+//!
+//! [`conv2d`] and [`batch_norm`] are what the model calls. They run these kernels when the tensors
+//! live on the flex device and the model asked for [`Kernels::Fused`]; on any other device (wgpu)
+//! or with [`Kernels::Burn`] they run burn's own modules, the reference the tests compare against.
+
+mod backend;
+pub mod batch_norm;
+pub mod conv;
+mod gemm;
+
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::activation::relu;
+use burn::tensor::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use backend::CpuKernels;
+
+/// Which implementation runs the model's convolutions and BatchNorms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// splitaux's CPU kernels on the flex device (burn's modules elsewhere).
+    #[default]
+    Fused,
+    /// burn's modules everywhere (the reference; slower on the CPU).
+    Burn,
+}
+
+impl Kernels {
+    /// Whether the fused kernels run for `x`: chosen, on the flex device, in `f32`.
+    fn fused_for<const D: usize>(self, x: &Tensor<D>) -> bool {
+        self == Kernels::Fused
+            && x.dtype() == DType::F32
+            && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+    }
+}
+
+/// Stride and symmetric padding of `conv` when the fused kernel handles it: square kernel, equal
+/// strides, no dilation, one group, no bias.
+fn fusable(conv: &Conv2d) -> Option<(usize, usize)> {
+    let [kh, kw] = conv.kernel_size;
+    let padding = match &conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right)
+            if top == left && top == bottom && top == right =>
+        {
+            *top
+        }
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let plain = kh == kw
+        && conv.stride[0] == conv.stride[1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && conv.bias.is_none();
+    plain.then_some((conv.stride[0], padding))
+}
+
+/// `conv.forward(x)`, by the fused kernel when it applies.
+///
+/// # Shapes
+/// - `x`: `[batch, in, h, w]`
+/// - output: `[batch, out, h', w']`
+pub fn conv2d(kernels: Kernels, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match fusable(conv) {
+        Some((stride, padding)) if kernels.fused_for(&x) => {
+            Tensor::from_dispatch(<Dispatch as CpuKernels>::conv2d_nchw(
+                x.into_dispatch(),
+                conv.weight.val().into_dispatch(),
+                stride,
+                padding,
+            ))
+        }
+        _ => conv.forward(x),
+    }
+}
+
+/// `relu?(bn.forward(x) + residual?)`, by the fused kernel when it applies (training mode on the
+/// flex device). Updates `bn`'s running statistics exactly as burn's `BatchNorm` does.
+///
+/// # Shapes
+/// - `x`, `residual`, output: `[batch, channels, h, w]`
+pub fn batch_norm(
+    kernels: Kernels,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu_after: bool,
+) -> Tensor<4> {
+    let training = x.device().is_autodiff() && bn.training.is_enabled();
+    if !(training && kernels.fused_for(&x)) {
+        let y = bn.forward(x);
+        let y = match residual {
+            Some(r) => y + r,
+            None => y,
+        };
+        return if relu_after { relu(y) } else { y };
+    }
+
+    let (x, gamma, beta) = (
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+    );
+    let (y, mean, variance) = match residual {
+        Some(r) if relu_after => <Dispatch as CpuKernels>::batch_norm_add_relu_nchw(
+            x,
+            gamma,
+            beta,
+            r.into_dispatch(),
+            bn.epsilon,
+        ),
+        Some(r) => {
+            // Not a ResNet pattern: add after the fused normalization.
+            let (y, mean, variance) =
+                <Dispatch as CpuKernels>::batch_norm_nchw(x, gamma, beta, false, bn.epsilon);
+            let y = Tensor::<4>::from_dispatch(y) + r;
+            (y.into_dispatch(), mean, variance)
+        }
+        None => {
+            <Dispatch as CpuKernels>::batch_norm_nchw(x, gamma, beta, relu_after, bn.epsilon)
+        }
+    };
+    let (mean, variance) = (
+        Tensor::<1>::from_dispatch(mean),
+        Tensor::<1>::from_dispatch(variance),
+    );
+    let momentum = bn.momentum;
+    let blend = |running: Tensor<1>, batch: Tensor<1>| {
+        running
+            .mul_scalar(1.0 - momentum)
+            .add(batch.detach().mul_scalar(momentum))
+            .detach()
+    };
+    bn.running_mean
+        .update(blend(bn.running_mean.value_sync(), mean));
+    bn.running_var
+        .update(blend(bn.running_var.value_sync(), variance));
+    Tensor::from_dispatch(y)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+//! The fused kernels against burn's own modules: forward values, gradients of every input and
+//! parameter, and BatchNorm's running statistics.
+
+use burn::module::Param;
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::tensor::{Device, Distribution, Tensor};
+
+use super::{Kernels, batch_norm, conv2d};
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+fn random<const D: usize>(shape: [usize; D]) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device())
+}
+
+fn assert_close<const D: usize>(fused: Tensor<D>, reference: Tensor<D>, what: &str) {
+    assert_eq!(fused.dims(), reference.dims(), "{what}: shape");
+    let (a, b) = (fused.into_data(), reference.into_data());
+    let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "{what}: relative difference {worst}");
+}
+
+#[test]
+fn fused_kernels_run_on_flex_in_f32_only() {
+    let x = random([1, 1, 2, 2]);
+    assert!(Kernels::Fused.fused_for(&x));
+    assert!(Kernels::Fused.fused_for(&x.clone().inner()));
+    assert!(!Kernels::Burn.fused_for(&x));
+    assert!(!Kernels::Fused.fused_for(&x.cast(burn::tensor::DType::F64)));
+}
+
+#[test]
+fn convolution_and_its_gradients_equal_burns() {
+    for (cin, cout, side, stride) in [(3, 5, 8, 1), (4, 6, 9, 2), (2, 3, 4, 1), (5, 40, 6, 1)] {
+        let conv = Conv2dConfig::new([cin, cout], [3, 3])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .with_bias(false)
+            .init(&device());
+        let x = random([3, cin, side, side]);
+        let probe = random([3, cout, side.div_ceil(stride), side.div_ceil(stride)]);
+        let what = format!("conv {cin}->{cout} side {side} stride {stride}");
+
+        let run = |kernels| {
+            let x = x.clone().require_grad();
+            let y = conv2d(kernels, &conv, x.clone());
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let dx = x.grad(&grads).expect("input gradient");
+            let dw = conv.weight.grad(&grads).expect("weight gradient");
+            (y, dx, dw)
+        };
+        let (y, dx, dw) = run(Kernels::Fused);
+        let (y_ref, dx_ref, dw_ref) = run(Kernels::Burn);
+        assert_close(y, y_ref, &format!("{what}: output"));
+        assert_close(dx, dx_ref, &format!("{what}: input gradient"));
+        assert_close(dw, dw_ref, &format!("{what}: weight gradient"));
+    }
+}
+
+/// A BatchNorm with non-trivial affine parameters (the same for every call).
+fn norm(channels: usize) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels).init(&device());
+    let ramp = |offset: f32| {
+        let values: Vec<f32> = (0..channels).map(|c| offset + 0.25 * c as f32).collect();
+        Param::from_tensor(Tensor::<1>::from_floats(values.as_slice(), &device()))
+    };
+    bn.gamma = ramp(0.5);
+    bn.beta = ramp(-0.3);
+    bn
+}
+
+#[test]
+fn batch_norm_epilogues_and_gradients_equal_burns() {
+    let shape = [4, 3, 5, 5];
+    let x = random(shape);
+    let residual = random(shape);
+    let probe = random(shape);
+    for (with_residual, relu) in [(false, false), (false, true), (true, true)] {
+        let what = format!("residual {with_residual}, relu {relu}");
+        // Separate modules: clones would share running statistics.
+        let run = |kernels| {
+            let bn = norm(3);
+            let x = x.clone().require_grad();
+            let r = residual.clone().require_grad();
+            let y = batch_norm(kernels, &bn, x.clone(), with_residual.then(|| r.clone()), relu);
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let dr = with_residual.then(|| r.grad(&grads).expect("residual gradient"));
+            let dx = x.grad(&grads).expect("input gradient");
+            let dgamma = bn.gamma.grad(&grads).expect("gamma gradient");
+            let dbeta = bn.beta.grad(&grads).expect("beta gradient");
+            let running = (bn.running_mean.value_sync(), bn.running_var.value_sync());
+            (y, dx, dr, dgamma, dbeta, running)
+        };
+        let fused = run(Kernels::Fused);
+        let reference = run(Kernels::Burn);
+        assert_close(fused.0, reference.0, &format!("{what}: output"));
+        assert_close(fused.1, reference.1, &format!("{what}: input gradient"));
+        if let (Some(a), Some(b)) = (fused.2, reference.2) {
+            assert_close(a, b, &format!("{what}: residual gradient"));
+        }
+        assert_close(fused.3, reference.3, &format!("{what}: gamma gradient"));
+        assert_close(fused.4, reference.4, &format!("{what}: beta gradient"));
+        assert_close(fused.5.0, reference.5.0, &format!("{what}: running mean"));
+        assert_close(fused.5.1, reference.5.1, &format!("{what}: running variance"));
+    }
+}
+
+#[test]
+fn inference_and_unsupported_convolutions_fall_back_to_burn() {
+    let device = Device::flex();
+    let bn = BatchNormConfig::new(2).init(&device);
+    let x = Tensor::<4>::ones([2, 2, 3, 3], &device);
+    // Not training: burn's module with running statistics (mean 0, var 1) is the identity here.
+    let y = batch_norm(Kernels::Fused, &bn, x.clone(), None, false);
+    assert_close(y, x.clone(), "inference BatchNorm");
+
+    let dilated = Conv2dConfig::new([2, 2], [3, 3])
+        .with_dilation([2, 2])
+        .init(&device);
+    let out = conv2d(Kernels::Fused, &dilated, Tensor::ones([1, 2, 7, 7], &device));
+    assert_close(out, dilated.forward(Tensor::ones([1, 2, 7, 7], &device)), "dilated conv");
+}
