@@ -4,7 +4,11 @@
 //! channel, then the input gradient per image). burn's generic formulation instead transposes the
 //! input to reduce it and runs about a dozen element-wise tensor ops, each with its own buffer.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use super::buffer::{filled, filled_pair};
 
 /// Layout of a BatchNorm input `[batch, channels, plane]` (plane = h·w).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +28,43 @@ impl NormShape {
         (self.batch * self.plane) as f64
     }
 
-    /// The `batch` runs of one channel, each `plane` long.
-    fn runs<'a>(&self, data: &'a [f32], channel: usize) -> impl Iterator<Item = &'a [f32]> {
-        let (c, p) = (self.channels, self.plane);
-        (0..self.batch).map(move |n| &data[(n * c + channel) * p..][..p])
+    fn image(&self) -> usize {
+        self.channels * self.plane
+    }
+
+    /// Per-channel `(Σ a, Σ b)` where `run(n, c)` gives the two sums over image `n`, channel
+    /// `c`. Images are summed in parallel, in one contiguous run of images per thread (streaming
+    /// whole images), and the runs are added in a fixed order, so the result does not depend on
+    /// scheduling.
+    fn channel_sums(&self, run: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+        let per = self.batch.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let partials: Vec<Vec<(f64, f64)>> = (0..self.batch.div_ceil(per))
+            .into_par_iter()
+            .map(|task| {
+                let mut sums = vec![(0.0, 0.0); self.channels];
+                for n in task * per..((task + 1) * per).min(self.batch) {
+                    for (c, sum) in sums.iter_mut().enumerate() {
+                        let (a, b) = run(n, c);
+                        sum.0 += a;
+                        sum.1 += b;
+                    }
+                }
+                sums
+            })
+            .collect();
+        let mut total = vec![(0.0, 0.0); self.channels];
+        for part in partials {
+            for (t, p) in total.iter_mut().zip(part) {
+                t.0 += p.0;
+                t.1 += p.1;
+            }
+        }
+        total
+    }
+
+    /// Image `n`, channel `c` of `data`: `plane` values.
+    fn run<'a>(&self, data: &'a [f32], n: usize, c: usize) -> &'a [f32] {
+        &data[(n * self.channels + c) * self.plane..][..self.plane]
     }
 }
 
@@ -73,20 +110,19 @@ fn sum2(len: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
 }
 
 fn statistics(s: NormShape, x: &[f32]) -> Stats {
-    let (mean, variance) = (0..s.channels)
-        .into_par_iter()
-        .map(|c| {
-            // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
-            let shift = x[c * s.plane];
-            let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
-            for run in s.runs(x, c) {
-                let (a, b) = sum2(run.len(), |i| {
-                    let d = run[i] - shift;
-                    (d, d * d)
-                });
-                sum += a;
-                sum_sq += b;
-            }
+    // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
+    let shift: Vec<f32> = (0..s.channels).map(|c| x[c * s.plane]).collect();
+    let sums = s.channel_sums(|n, c| {
+        let run = s.run(x, n, c);
+        sum2(run.len(), |i| {
+            let d = run[i] - shift[c];
+            (d, d * d)
+        })
+    });
+    let (mean, variance) = sums
+        .iter()
+        .zip(&shift)
+        .map(|(&(sum, sum_sq), &shift)| {
             let mean = sum / s.count();
             let variance = (sum_sq / s.count() - mean * mean).max(0.0);
             ((mean + shift as f64) as f32, variance as f32)
@@ -123,32 +159,33 @@ pub fn forward(
         })
         .unzip();
 
-    let image = s.channels * s.plane;
-    let mut y = vec![0.0; s.len()];
-    y.par_chunks_mut(image).enumerate().for_each(|(n, yn)| {
-        let xn = &x[n * image..][..image];
-        let rn = residual.map(|r| &r[n * image..][..image]);
-        for c in 0..s.channels {
-            let range = c * s.plane..(c + 1) * s.plane;
-            let (yc, xc) = (&mut yn[range.clone()], &xn[range.clone()]);
-            let (a, b) = (scale[c], shift[c]);
-            match rn {
-                Some(r) => {
-                    for ((y, &x), &r) in yc.iter_mut().zip(xc).zip(&r[range]) {
-                        *y = x * a + b + r;
+    let image = s.image();
+    let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(image).enumerate().for_each(|(n, yn)| {
+            let xn = &x[n * image..][..image];
+            let rn = residual.map(|r| &r[n * image..][..image]);
+            for c in 0..s.channels {
+                let range = c * s.plane..(c + 1) * s.plane;
+                let (yc, xc) = (&mut yn[range.clone()], &xn[range.clone()]);
+                let (a, b) = (scale[c], shift[c]);
+                match rn {
+                    Some(r) => {
+                        for ((y, &x), &r) in yc.iter_mut().zip(xc).zip(&r[range]) {
+                            y.write((x * a + b + r).max(floor));
+                        }
                     }
-                }
-                None => {
-                    for (y, &x) in yc.iter_mut().zip(xc) {
-                        *y = x * a + b;
+                    None => {
+                        for (y, &x) in yc.iter_mut().zip(xc) {
+                            y.write((x * a + b).max(floor));
+                        }
                     }
                 }
             }
-            if relu {
-                yc.iter_mut().for_each(|y| *y = y.max(0.0));
-            }
-        }
-    });
+        })
+    };
+    // SAFETY: every image `n` and channel `c` writes its whole `plane`-long range: all of `y`.
+    let y = unsafe { filled(s.len(), fill) };
     (y, stats)
 }
 
@@ -186,21 +223,17 @@ pub fn backward(
     let masked = |g: f32, y: f32| if !epilogue.relu || y > 0.0 { g } else { 0.0 };
 
     // Σ g and Σ g·(x − mean) per channel.
-    let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) = (0..s.channels)
-        .into_par_iter()
-        .map(|c| {
+    let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) = s
+        .channel_sums(|n, c| {
+            let (xr, yr, gr) = (s.run(x, n, c), s.run(y, n, c), s.run(dy, n, c));
             let mean = stats.mean[c];
-            let (mut sum, mut sum_x) = (0.0f64, 0.0f64);
-            for ((xr, yr), gr) in s.runs(x, c).zip(s.runs(y, c)).zip(s.runs(dy, c)) {
-                let (a, b) = sum2(xr.len(), |i| {
-                    let g = masked(gr[i], yr[i]);
-                    (g, g * (xr[i] - mean))
-                });
-                sum += a;
-                sum_x += b;
-            }
-            (sum as f32, sum_x as f32)
+            sum2(xr.len(), |i| {
+                let g = masked(gr[i], yr[i]);
+                (g, g * (xr[i] - mean))
+            })
         })
+        .into_iter()
+        .map(|(a, b)| (a as f32, b as f32))
         .unzip();
 
     // dx = γ·σ⁻¹·(g − Σg/M − x̂·Σ(g·x̂)/M), with x̂ = (x − mean)·σ⁻¹, written as k_g·g + k_x·(x − mean) + k_0.
@@ -214,42 +247,51 @@ pub fn backward(
         coefficients.push((k_g, -k_g * inv * dgamma[c] / m, -k_g * dbeta[c] / m, stats.mean[c]));
     }
 
-    let image = s.channels * s.plane;
-    let mut dx = vec![0.0; s.len()];
-    let mut d_residual = epilogue.residual.then(|| vec![0.0; s.len()]);
-    let d_residual_runs: Vec<Option<&mut [f32]>> = match d_residual.as_mut() {
-        Some(d) => d.chunks_mut(image).map(Some).collect(),
-        None => (0..s.batch).map(|_| None).collect(),
-    };
-    dx.par_chunks_mut(image)
-        .zip(d_residual_runs)
-        .enumerate()
-        .for_each(|(n, (dxn, mut drn))| {
-            let run = n * image..(n + 1) * image;
-            let (xn, yn, gn) = (&x[run.clone()], &y[run.clone()], &dy[run]);
-            for (c, &(k_g, k_x, k_0, mean)) in coefficients.iter().enumerate() {
-                let range = c * s.plane..(c + 1) * s.plane;
-                let rows = dxn[range.clone()]
-                    .iter_mut()
-                    .zip(&xn[range.clone()])
-                    .zip(&yn[range.clone()])
-                    .zip(&gn[range.clone()]);
-                match drn.as_deref_mut() {
-                    Some(dr) => {
-                        for ((((dx, &x), &y), &g), dr) in rows.zip(&mut dr[range]) {
-                            let g = masked(g, y);
-                            *dr = g;
-                            *dx = k_g * g + k_x * (x - mean) + k_0;
+    let image = s.image();
+    let fill = |dx: &mut [MaybeUninit<f32>], d_residual: Option<&mut [MaybeUninit<f32>]>| {
+        let d_residual_runs: Vec<Option<&mut [MaybeUninit<f32>]>> = match d_residual {
+            Some(d) => d.chunks_mut(image).map(Some).collect(),
+            None => (0..s.batch).map(|_| None).collect(),
+        };
+        dx.par_chunks_mut(image)
+            .zip(d_residual_runs)
+            .enumerate()
+            .for_each(|(n, (dxn, mut drn))| {
+                let run = n * image..(n + 1) * image;
+                let (xn, yn, gn) = (&x[run.clone()], &y[run.clone()], &dy[run]);
+                for (c, &(k_g, k_x, k_0, mean)) in coefficients.iter().enumerate() {
+                    let range = c * s.plane..(c + 1) * s.plane;
+                    let rows = dxn[range.clone()]
+                        .iter_mut()
+                        .zip(&xn[range.clone()])
+                        .zip(&yn[range.clone()])
+                        .zip(&gn[range.clone()]);
+                    match drn.as_deref_mut() {
+                        Some(dr) => {
+                            for ((((dx, &x), &y), &g), dr) in rows.zip(&mut dr[range]) {
+                                let g = masked(g, y);
+                                dr.write(g);
+                                dx.write(k_g * g + k_x * (x - mean) + k_0);
+                            }
                         }
-                    }
-                    None => {
-                        for (((dx, &x), &y), &g) in rows {
-                            *dx = k_g * masked(g, y) + k_x * (x - mean) + k_0;
+                        None => {
+                            for (((dx, &x), &y), &g) in rows {
+                                dx.write(k_g * masked(g, y) + k_x * (x - mean) + k_0);
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
+    };
+    // SAFETY: every image and channel writes its whole range of `dx` (and of `d_residual`).
+    let (dx, d_residual) = unsafe {
+        if epilogue.residual {
+            let (dx, d_residual) = filled_pair(s.len(), |dx, dr| fill(dx, Some(dr)));
+            (dx, Some(d_residual))
+        } else {
+            (filled(s.len(), |dx| fill(dx, None)), None)
+        }
+    };
     Gradients {
         dx,
         d_residual,

@@ -9,7 +9,10 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{MatRef, matmul};
+use std::mem::MaybeUninit;
+
+use super::buffer::filled;
+use super::gemm::{MatRef, matmul, matmul_uninit};
 
 /// Shape of a square-kernel convolution without dilation, groups or bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +89,91 @@ impl ConvGeometry {
     }
 }
 
+/// A stride-1 convolution whose output has the input's size (`2·padding = kernel − 1`, the 3×3
+/// convolutions of a ResNet stage). Each patch-matrix row is then the input plane shifted by one
+/// offset: one contiguous copy, with the columns that wrapped around a row edge zeroed.
+struct SameShift {
+    /// Shift of the flattened plane, `(ki − p)·w + (kj − p)`.
+    offset: isize,
+    /// Flattened output positions `[lo, hi)` that read inside the input.
+    lo: usize,
+    hi: usize,
+    /// Horizontal shift `kj − p`: this many columns at the row's left (< 0) or right (> 0) end
+    /// wrapped around.
+    dx: isize,
+}
+
+impl ConvGeometry {
+    fn is_same_stride1(&self) -> bool {
+        self.stride == 1 && 2 * self.padding + 1 == self.kernel
+    }
+
+    fn same_shift(&self, ki: usize, kj: usize) -> SameShift {
+        let (h, w, p) = (self.height as isize, self.width as isize, self.padding as isize);
+        let (dy, dx) = (ki as isize - p, kj as isize - p);
+        let offset = dy * w + dx;
+        let rows = ((-dy).max(0) * w)..((h - dy).min(h) * w);
+        // Keep the source index inside the plane (the first/last element may wrap past it).
+        let lo = rows.start.max(-offset) as usize;
+        let hi = rows.end.min(h * w - offset).max(lo as isize) as usize;
+        SameShift { offset, lo, hi, dx }
+    }
+
+    /// The columns of an output row that wrapped around a row edge, relative to the row's start.
+    fn wrapped_columns(&self, shift: &SameShift) -> std::ops::Range<usize> {
+        let w = self.width;
+        match shift.dx {
+            dx if dx < 0 => 0..(-dx) as usize,
+            dx => w - dx as usize..w,
+        }
+    }
+}
+
+/// [`im2col`] for [`ConvGeometry::is_same_stride1`] convolutions.
+fn im2col_same(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
+    let (k, plane, w) = (g.kernel, g.out_plane(), g.width);
+    for (c, xc) in x.chunks_exact(plane).enumerate() {
+        for ki in 0..k {
+            for kj in 0..k {
+                let shift = g.same_shift(ki, kj);
+                let row = &mut col[((c * k + ki) * k + kj) * plane..][..plane];
+                let (lo, hi) = (shift.lo, shift.hi);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                let src = (lo as isize + shift.offset) as usize;
+                row[lo..hi].copy_from_slice(&xc[src..src + hi - lo]);
+                let wrapped = g.wrapped_columns(&shift);
+                for start in (lo / w * w..hi).step_by(w) {
+                    row[start + wrapped.start..start + wrapped.end].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// [`col2im`] for [`ConvGeometry::is_same_stride1`] convolutions; clobbers `col`'s wrapped
+/// columns.
+fn col2im_same(g: &ConvGeometry, col: &mut [f32], dx: &mut [f32]) {
+    let (k, plane, w) = (g.kernel, g.out_plane(), g.width);
+    for (c, dxc) in dx.chunks_exact_mut(plane).enumerate() {
+        for ki in 0..k {
+            for kj in 0..k {
+                let shift = g.same_shift(ki, kj);
+                let row = &mut col[((c * k + ki) * k + kj) * plane..][..plane];
+                let (lo, hi) = (shift.lo, shift.hi);
+                let wrapped = g.wrapped_columns(&shift);
+                for start in (lo / w * w..hi).step_by(w) {
+                    row[start + wrapped.start..start + wrapped.end].fill(0.0);
+                }
+                let dst = (lo as isize + shift.offset) as usize;
+                for (d, v) in dxc[dst..dst + hi - lo].iter_mut().zip(&row[lo..hi]) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
 /// Writes the patch matrix of one image: `col[(c·k + ki)·k + kj, oh·out_w + ow] =
 /// x[c, oh·s + ki − p, ow·s + kj − p]`, zero where that falls in the padding.
 ///
@@ -93,6 +181,9 @@ impl ConvGeometry {
 /// - `x`: `[in, h, w]`
 /// - `col`: `[in·k·k, out_h·out_w]`
 fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
+    if g.is_same_stride1() {
+        return im2col_same(g, x, col);
+    }
     let (plane, ow, s, p, w) = (g.out_plane(), g.out_width(), g.stride, g.padding, g.width);
     col.fill(0.0);
     g.for_each_stretch(|row, c, ih, oh, lo, hi| {
@@ -115,7 +206,10 @@ fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
 /// # Shapes
 /// - `col`: `[in·k·k, out_h·out_w]`
 /// - `dx`: `[in, h, w]`, accumulated into
-fn col2im(g: &ConvGeometry, col: &[f32], dx: &mut [f32]) {
+fn col2im(g: &ConvGeometry, col: &mut [f32], dx: &mut [f32]) {
+    if g.is_same_stride1() {
+        return col2im_same(g, col, dx);
+    }
     let (plane, ow, s, p, w) = (g.out_plane(), g.out_width(), g.stride, g.padding, g.width);
     g.for_each_stretch(|row, c, ih, oh, lo, hi| {
         let kj = row % g.kernel;
@@ -153,38 +247,50 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
     // With few output channels the GEMM runs ~1.7× faster producing the transposed image
     // ([plane, out]), even with the transpose back (measured on Zen 4: 16 channels, 32×32).
     let transposed = g.out_channels < 32;
-    let mut y = vec![0.0; g.batch * g.out_len()];
-    y.par_chunks_mut(per * g.out_len())
-        .zip(x.par_chunks(per * g.in_len()))
-        .for_each(|(ys, xs)| {
-            let mut col = vec![0.0; patch * plane];
-            let mut yt = vec![0.0; if transposed { plane * g.out_channels } else { 0 }];
-            for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
-                im2col(g, xi, &mut col);
-                let col = MatRef::row_major(&col, patch, plane);
-                if transposed {
-                    // [plane, patch] · [patch, out] → [plane, out], then → [out, plane]
-                    matmul(&mut yt, col.t(), w.t(), false);
-                    transpose(&yt, plane, g.out_channels, yi);
-                } else {
-                    // [out, patch] · [patch, plane] → [out, plane]
-                    matmul(yi, w, col, false);
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(per * g.out_len())
+            .zip(x.par_chunks(per * g.in_len()))
+            .for_each(|(ys, xs)| {
+                let mut col = vec![0.0; patch * plane];
+                let mut yt = vec![0.0; if transposed { plane * g.out_channels } else { 0 }];
+                for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
+                    im2col(g, xi, &mut col);
+                    let col = MatRef::row_major(&col, patch, plane);
+                    if transposed {
+                        // [plane, patch] · [patch, out] → [plane, out], then → [out, plane]
+                        matmul(&mut yt, col.t(), w.t(), false);
+                        transpose(&yt, plane, g.out_channels, yi);
+                    } else {
+                        // [out, patch] · [patch, plane] → [out, plane]
+                        matmul_uninit(yi, w, col);
+                    }
                 }
-            }
-        });
-    y
+            })
+    };
+    // SAFETY: each image's `out_len` outputs are written whole, by the GEMM or the transpose.
+    unsafe { filled(g.batch * g.out_len(), fill) }
 }
 
-/// `dst[j, i] = src[i, j]` for a row-major `rows × cols` `src`.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 16;
-    for i0 in (0..rows).step_by(TILE) {
-        for j0 in (0..cols).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(rows) {
-                for j in j0..(j0 + TILE).min(cols) {
-                    dst[j * rows + i] = src[i * cols + j];
-                }
+/// `dst[j, i] = src[i, j]` for a row-major `rows × cols` `src` (writing every element of
+/// `dst`), eight source rows at a time so each destination row gets a contiguous run.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [MaybeUninit<f32>]) {
+    const B: usize = 8;
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose: lengths");
+    let full = rows / B * B;
+    for i0 in (0..full).step_by(B) {
+        let block = &src[i0 * cols..(i0 + B) * cols];
+        for j in 0..cols {
+            let run: &mut [MaybeUninit<f32>; B] = (&mut dst[j * rows + i0..j * rows + i0 + B])
+                .try_into()
+                .expect("a run of B elements");
+            for (k, d) in run.iter_mut().enumerate() {
+                d.write(block[k * cols + j]);
             }
+        }
+    }
+    for i in full..rows {
+        for j in 0..cols {
+            dst[j * rows + i].write(src[i * cols + j]);
         }
     }
 }
@@ -238,7 +344,7 @@ pub fn backward(
                 if let Some(dx_run) = dx_run.as_deref_mut() {
                     // [patch, out] · [out, plane] → [patch, plane]
                     matmul(&mut dcol, w.t(), dyn_, false);
-                    col2im(g, &dcol, &mut dx_run[i * g.in_len()..][..g.in_len()]);
+                    col2im(g, &mut dcol, &mut dx_run[i * g.in_len()..][..g.in_len()]);
                 }
             }
             dwt
@@ -250,9 +356,8 @@ pub fn backward(
         for part in &partial_dwt {
             total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
         }
-        let mut dw = vec![0.0; out * patch];
-        transpose(&total, patch, out, &mut dw);
-        dw
+        // SAFETY: the transpose writes all `out · patch` elements.
+        unsafe { filled(out * patch, |dw| transpose(&total, patch, out, dw)) }
     });
     (want_input.then_some(dx), dw)
 }
@@ -321,6 +426,8 @@ mod tests {
             g(1, 1, 2, 4, 3, 2, 0),
             g(4, 2, 2, 5, 3, 1, 2), // padding wider than the kernel's reach
             g(3, 3, 33, 6, 3, 2, 1), // many output channels: the untransposed GEMM
+            g(2, 2, 3, 6, 5, 1, 2),  // 5×5 'same'
+            g(2, 3, 40, 7, 3, 1, 1), // 3×3 'same', untransposed GEMM
         ]
     }
 

@@ -1,6 +1,8 @@
 //! A safe face for the `gemm` crate's single-threaded f32 matrix product (the crate burn-flex
 //! multiplies with). Our kernels parallelize over images themselves, one product per image.
 
+use std::mem::MaybeUninit;
+
 /// A read-only strided view of a `rows × cols` matrix: element `(i, j)` is at
 /// `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
@@ -50,22 +52,37 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// If the shapes disagree or a view reaches past its slice (a bug in the caller).
 pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    assert!(dst.len() >= a.rows * b.cols, "matmul: destination too small");
+    // SAFETY: `dst` is initialized and holds the product's `a.rows × b.cols` elements.
+    unsafe { gemm_into(dst.as_mut_ptr(), a, b, accumulate) }
+}
+
+/// `dst = a · b` into uninitialized memory; every element of the `a.rows × b.cols` product is
+/// written (the GEMM does not read its destination when not accumulating).
+pub fn matmul_uninit(dst: &mut [MaybeUninit<f32>], a: MatRef<'_>, b: MatRef<'_>) {
+    assert!(dst.len() >= a.rows * b.cols, "matmul: destination too small");
+    // SAFETY: `dst` holds the product's elements; with `accumulate = false` they are only written.
+    unsafe { gemm_into(dst.as_mut_ptr().cast::<f32>(), a, b, false) }
+}
+
+/// # Safety
+/// `dst` must be valid for writes of `a.rows × b.cols` floats (and initialized for reads when
+/// `accumulate`), and alias neither input.
+unsafe fn gemm_into(dst: *mut f32, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
-    assert!(dst.len() >= m * n, "matmul: destination too small");
     assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "matmul: view out of bounds");
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the asserts above keep every index the product reads or writes inside its slice,
-    // `dst` is borrowed mutably so it aliases neither input, and `Parallelism::None` runs on this
-    // thread only.
+    // SAFETY: the asserts keep every index the product reads inside its input slices, the
+    // caller vouches for `dst`, and `Parallelism::None` runs on this thread only.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,

@@ -10,6 +10,7 @@
 
 mod backend;
 pub mod batch_norm;
+mod buffer;
 pub mod conv;
 mod gemm;
 
