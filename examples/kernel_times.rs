@@ -19,7 +19,9 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("a number"));
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<usize>().expect("a number"));
     let batch = args.next().unwrap_or(128);
     let threads = args.next().unwrap_or(2);
     splitaux::backend::configure_cpu(threads);
@@ -70,18 +72,35 @@ fn main() {
     }
     // (channels, side, how many BatchNorms in ResNet-20, of which with residual)
     for (channels, side, count, residual) in [(16, 32, 7, 3), (32, 16, 6, 3), (64, 8, 6, 3)] {
-        let s = NormShape { batch, channels, plane: side * side };
+        let s = NormShape {
+            batch,
+            channels,
+            plane: side * side,
+        };
         let n = batch * channels * side * side;
         let x: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1).collect();
         let r = vec![0.1f32; n];
         let (gamma, beta) = (vec![1.0f32; channels], vec![0.0f32; channels]);
         let fwd = time(5, || {
-            std::hint::black_box(batch_norm::forward(s, &x, &gamma, &beta, Some(&r), true, 1e-5));
+            std::hint::black_box(batch_norm::forward(
+                s,
+                &x,
+                &gamma,
+                &beta,
+                Some(&r),
+                true,
+                1e-5,
+            ));
         });
         let (y, stats) = batch_norm::forward(s, &x, &gamma, &beta, Some(&r), true, 1e-5);
-        let epilogue = Epilogue { residual: true, relu: true };
+        let epilogue = Epilogue {
+            residual: true,
+            relu: true,
+        };
         let bwd = time(5, || {
-            std::hint::black_box(batch_norm::backward(s, &x, &y, &r, &gamma, &stats, epilogue, 1e-5));
+            std::hint::black_box(batch_norm::backward(
+                s, &x, &y, &r, &gamma, &stats, epilogue, 1e-5,
+            ));
         });
         println!(
             "bn {channels:>2}ch {side:>2}px x{count} ({residual} +res)   {:>7.2}  {:>7.2}",

@@ -82,7 +82,11 @@ fn flex(data: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
 
 fn dims4(t: &FlexTensor) -> [usize; 4] {
     let shape = t.layout().shape();
-    assert_eq!(shape.num_dims(), 4, "kernel input must be rank 4, got {shape:?}");
+    assert_eq!(
+        shape.num_dims(),
+        4,
+        "kernel input must be rank 4, got {shape:?}"
+    );
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
@@ -145,7 +149,10 @@ fn norm_forward(
 
 fn stats_tensors(stats: &Stats) -> (FlexTensor, FlexTensor) {
     let c = stats.mean.len();
-    (flex(stats.mean.clone(), [c]), flex(stats.variance.clone(), [c]))
+    (
+        flex(stats.mean.clone(), [c]),
+        flex(stats.variance.clone(), [c]),
+    )
 }
 
 impl CpuKernels for Flex {
@@ -280,7 +287,8 @@ impl<const N: usize> Backward<Flex, N> for NormBackward<N> {
             g.d_residual.map(|d| flex(d, full)),
         ]
         .into_iter();
-        let gradients: [Option<FlexTensor>; N] = std::array::from_fn(|_| gradients.next().flatten());
+        let gradients: [Option<FlexTensor>; N] =
+            std::array::from_fn(|_| gradients.next().flatten());
         register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
     }
 }
@@ -320,7 +328,10 @@ fn norm_autodiff<C: CheckpointStrategy, const N: usize>(
 
 impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     fn conv2d_nchw(x: AdTensor, weight: AdTensor, stride: usize, padding: usize) -> AdTensor {
-        let (xp, wp) = (dense(x.primitive().clone()), dense(weight.primitive().clone()));
+        let (xp, wp) = (
+            dense(x.primitive().clone()),
+            dense(weight.primitive().clone()),
+        );
         let y = conv_forward(&xp, &wp, stride, padding);
         match ConvBackward
             .prepare::<C>([x.node(), weight.node()])

@@ -37,7 +37,10 @@ impl NormShape {
     /// whole images), and the runs are added in a fixed order, so the result does not depend on
     /// scheduling.
     fn channel_sums(&self, run: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
-        let per = self.batch.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let per = self
+            .batch
+            .div_ceil(rayon::current_num_threads().max(1))
+            .max(1);
         let partials: Vec<Vec<(f64, f64)>> = (0..self.batch.div_ceil(per))
             .into_par_iter()
             .map(|task| {
@@ -150,7 +153,10 @@ pub fn forward(
     epsilon: f64,
 ) -> (Vec<f32>, Stats) {
     assert_eq!(x.len(), s.len(), "batch norm: input length");
-    assert!(residual.is_none_or(|r| r.len() == s.len()), "batch norm: residual length");
+    assert!(
+        residual.is_none_or(|r| r.len() == s.len()),
+        "batch norm: residual length"
+    );
     let stats = statistics(s, x);
     let (scale, shift): (Vec<f32>, Vec<f32>) = (0..s.channels)
         .map(|c| {
@@ -244,7 +250,12 @@ pub fn backward(
         let inv = inv_std(stats.variance[c], epsilon);
         dgamma[c] = dgamma_raw[c] * inv;
         let k_g = gamma[c] * inv;
-        coefficients.push((k_g, -k_g * inv * dgamma[c] / m, -k_g * dbeta[c] / m, stats.mean[c]));
+        coefficients.push((
+            k_g,
+            -k_g * inv * dgamma[c] / m,
+            -k_g * dbeta[c] / m,
+            stats.mean[c],
+        ));
     }
 
     let image = s.image();

@@ -27,7 +27,11 @@ pub unsafe fn filled_pair(
 ) -> (Vec<f32>, Vec<f32>) {
     let mut second = Vec::with_capacity(len);
     // SAFETY: forwarded to the caller's contract.
-    let first = unsafe { filled(len, |first| fill(first, &mut second.spare_capacity_mut()[..len])) };
+    let first = unsafe {
+        filled(len, |first| {
+            fill(first, &mut second.spare_capacity_mut()[..len])
+        })
+    };
     // SAFETY: the capacity is `len` and, by the caller's contract, all `len` elements are written.
     unsafe { second.set_len(len) };
     (first, second)

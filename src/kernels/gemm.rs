@@ -52,7 +52,10 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// If the shapes disagree or a view reaches past its slice (a bug in the caller).
 pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
-    assert!(dst.len() >= a.rows * b.cols, "matmul: destination too small");
+    assert!(
+        dst.len() >= a.rows * b.cols,
+        "matmul: destination too small"
+    );
     // SAFETY: `dst` is initialized and holds the product's `a.rows × b.cols` elements.
     unsafe { gemm_into(dst.as_mut_ptr(), a, b, accumulate) }
 }
@@ -60,7 +63,10 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
 /// `dst = a · b` into uninitialized memory; every element of the `a.rows × b.cols` product is
 /// written (the GEMM does not read its destination when not accumulating).
 pub fn matmul_uninit(dst: &mut [MaybeUninit<f32>], a: MatRef<'_>, b: MatRef<'_>) {
-    assert!(dst.len() >= a.rows * b.cols, "matmul: destination too small");
+    assert!(
+        dst.len() >= a.rows * b.cols,
+        "matmul: destination too small"
+    );
     // SAFETY: `dst` holds the product's elements; with `accumulate = false` they are only written.
     unsafe { gemm_into(dst.as_mut_ptr().cast::<f32>(), a, b, false) }
 }
@@ -71,7 +77,10 @@ pub fn matmul_uninit(dst: &mut [MaybeUninit<f32>], a: MatRef<'_>, b: MatRef<'_>)
 unsafe fn gemm_into(dst: *mut f32, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
-    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "matmul: view out of bounds");
+    assert!(
+        a.extent() <= a.data.len() && b.extent() <= b.data.len(),
+        "matmul: view out of bounds"
+    );
     if m == 0 || n == 0 {
         return;
     }

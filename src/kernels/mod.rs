@@ -16,8 +16,8 @@ mod gemm;
 
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::BatchNorm;
-use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
 use burn::tensor::activation::relu;
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -40,7 +40,10 @@ impl Kernels {
     fn fused_for<const D: usize>(self, x: &Tensor<D>) -> bool {
         self == Kernels::Fused
             && x.dtype() == DType::F32
-            && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+            && matches!(
+                x.device().as_dispatch().clone().inner(),
+                DispatchDevice::Flex(_)
+            )
     }
 }
 
@@ -126,9 +129,7 @@ pub fn batch_norm(
             let y = Tensor::<4>::from_dispatch(y) + r;
             (y.into_dispatch(), mean, variance)
         }
-        None => {
-            <Dispatch as CpuKernels>::batch_norm_nchw(x, gamma, beta, relu_after, bn.epsilon)
-        }
+        None => <Dispatch as CpuKernels>::batch_norm_nchw(x, gamma, beta, relu_after, bn.epsilon),
     };
     let (mean, variance) = (
         Tensor::<1>::from_dispatch(mean),

@@ -39,7 +39,13 @@ fn fused_kernels_run_on_flex_in_f32_only() {
 
 #[test]
 fn convolution_and_its_gradients_equal_burns() {
-    for (cin, cout, side, stride) in [(3, 5, 8, 1), (4, 6, 9, 2), (2, 3, 4, 1), (5, 40, 6, 1)] {
+    for (cin, cout, side, stride) in [
+        (3, 5, 8, 1),
+        (4, 6, 9, 2),
+        (2, 3, 4, 1),
+        (5, 40, 6, 1),
+        (3, 5, 8, 2),
+    ] {
         let conv = Conv2dConfig::new([cin, cout], [3, 3])
             .with_stride([stride, stride])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
@@ -90,7 +96,13 @@ fn batch_norm_epilogues_and_gradients_equal_burns() {
             let bn = norm(3);
             let x = x.clone().require_grad();
             let r = residual.clone().require_grad();
-            let y = batch_norm(kernels, &bn, x.clone(), with_residual.then(|| r.clone()), relu);
+            let y = batch_norm(
+                kernels,
+                &bn,
+                x.clone(),
+                with_residual.then(|| r.clone()),
+                relu,
+            );
             let grads = (y.clone() * probe.clone()).sum().backward();
             let dr = with_residual.then(|| r.grad(&grads).expect("residual gradient"));
             let dx = x.grad(&grads).expect("input gradient");
@@ -109,7 +121,11 @@ fn batch_norm_epilogues_and_gradients_equal_burns() {
         assert_close(fused.3, reference.3, &format!("{what}: gamma gradient"));
         assert_close(fused.4, reference.4, &format!("{what}: beta gradient"));
         assert_close(fused.5.0, reference.5.0, &format!("{what}: running mean"));
-        assert_close(fused.5.1, reference.5.1, &format!("{what}: running variance"));
+        assert_close(
+            fused.5.1,
+            reference.5.1,
+            &format!("{what}: running variance"),
+        );
     }
 }
 
@@ -125,6 +141,14 @@ fn inference_and_unsupported_convolutions_fall_back_to_burn() {
     let dilated = Conv2dConfig::new([2, 2], [3, 3])
         .with_dilation([2, 2])
         .init(&device);
-    let out = conv2d(Kernels::Fused, &dilated, Tensor::ones([1, 2, 7, 7], &device));
-    assert_close(out, dilated.forward(Tensor::ones([1, 2, 7, 7], &device)), "dilated conv");
+    let out = conv2d(
+        Kernels::Fused,
+        &dilated,
+        Tensor::ones([1, 2, 7, 7], &device),
+    );
+    assert_close(
+        out,
+        dilated.forward(Tensor::ones([1, 2, 7, 7], &device)),
+        "dilated conv",
+    );
 }
