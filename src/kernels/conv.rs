@@ -377,9 +377,9 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
 }
 
 /// `dst[j, i] = src[i, j]` for a row-major `rows × cols` `src` (writing every element of
-/// `dst`), eight source rows at a time so each destination row gets a contiguous run.
+/// `dst`), sixteen source rows at a time so each destination row gets a whole cache line.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [MaybeUninit<f32>]) {
-    const B: usize = 8;
+    const B: usize = 16;
     assert!(
         src.len() >= rows * cols && dst.len() >= rows * cols,
         "transpose: lengths"
