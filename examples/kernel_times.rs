@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use splitaux::kernels::batch_norm::{self, Epilogue, NormShape};
+use splitaux::kernels::batch_norm::{self, NormShape, ReluGate};
 use splitaux::kernels::conv::{self, ConvGeometry};
 
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -81,27 +81,45 @@ fn main() {
         let x: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1).collect();
         let r = vec![0.1f32; n];
         let (gamma, beta) = (vec![1.0f32; channels], vec![0.0f32; channels]);
-        let fwd = time(5, || {
-            std::hint::black_box(batch_norm::forward(
-                s,
-                &x,
-                &gamma,
-                &beta,
-                Some(&r),
-                true,
-                1e-5,
-            ));
-        });
-        let (y, stats) = batch_norm::forward(s, &x, &gamma, &beta, Some(&r), true, 1e-5);
-        let epilogue = Epilogue {
-            residual: true,
-            relu: true,
-        };
-        let bwd = time(5, || {
-            std::hint::black_box(batch_norm::backward(
-                s, &x, &y, &r, &gamma, &stats, epilogue, 1e-5,
-            ));
-        });
+        // The block-ending BatchNorm (residual, ReLU) and the others (ReLU only).
+        let mut times = [[0.0; 2]; 2];
+        for (variant, residual_in) in [None, Some(&r[..])].into_iter().enumerate() {
+            times[variant][0] = time(5, || {
+                std::hint::black_box(batch_norm::forward(
+                    s,
+                    &x,
+                    &gamma,
+                    &beta,
+                    residual_in,
+                    true,
+                    1e-5,
+                ));
+            });
+            let (y, stats) = batch_norm::forward(s, &x, &gamma, &beta, residual_in, true, 1e-5);
+            let (scale, shift) = batch_norm::affine(&gamma, &beta, &stats, 1e-5);
+            let gate = match residual_in {
+                Some(_) => ReluGate::Output(&y),
+                None => ReluGate::Affine {
+                    scale: &scale,
+                    shift: &shift,
+                },
+            };
+            times[variant][1] = time(5, || {
+                std::hint::black_box(batch_norm::backward(
+                    s,
+                    &x,
+                    &r,
+                    gate,
+                    &gamma,
+                    &stats,
+                    residual_in.is_some(),
+                    1e-5,
+                ));
+            });
+        }
+        let plain = (count - residual) as f64;
+        let fwd = (plain * times[0][0] + residual as f64 * times[1][0]) / count as f64;
+        let bwd = (plain * times[0][1] + residual as f64 * times[1][1]) / count as f64;
         println!(
             "bn {channels:>2}ch {side:>2}px x{count} ({residual} +res)   {:>7.2}  {:>7.2}",
             fwd * 1e3,

@@ -11,7 +11,7 @@ use burn::backend::{Backend, Flex, backend_extension};
 use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{FlexTensor, Layout};
 
-use super::batch_norm::{self, Epilogue, NormShape, Stats};
+use super::batch_norm::{self, NormShape, ReluGate, Stats};
 use super::conv::{self, ConvGeometry};
 
 /// Operations splitaux supplies to burn for its CPU backend.
@@ -240,12 +240,29 @@ impl Backward<Flex, 2> for ConvBackward {
 #[derive(Debug, Clone)]
 struct NormState {
     x: FlexTensor,
-    y: FlexTensor,
     gamma: FlexTensor,
     mean: Vec<f32>,
     variance: Vec<f32>,
-    relu: bool,
+    gate: GateState,
     epsilon: f64,
+}
+
+/// The owned form of [`ReluGate`].
+#[derive(Debug, Clone)]
+enum GateState {
+    Open,
+    Output(FlexTensor),
+    Affine { scale: Vec<f32>, shift: Vec<f32> },
+}
+
+impl GateState {
+    fn gate(&self) -> ReluGate<'_> {
+        match self {
+            GateState::Open => ReluGate::Open,
+            GateState::Output(y) => ReluGate::Output(values(y)),
+            GateState::Affine { scale, shift } => ReluGate::Affine { scale, shift },
+        }
+    }
 }
 
 /// Backward node of [`CpuKernels::batch_norm_nchw`]; parents `[x, gamma, beta]`, plus
@@ -263,19 +280,15 @@ impl<const N: usize> Backward<Flex, N> for NormBackward<N> {
             mean: s.mean,
             variance: s.variance,
         };
-        let epilogue = Epilogue {
-            residual: N == 4,
-            relu: s.relu,
-        };
         let shape = norm_shape(&s.x);
         let g = batch_norm::backward(
             shape,
             values(&s.x),
-            values(&s.y),
             values(&dy),
+            s.gate.gate(),
             values(&s.gamma),
             &stats,
-            epilogue,
+            N == 4,
             s.epsilon,
         );
         let full = s.x.layout().shape().clone();
@@ -310,13 +323,22 @@ fn norm_autodiff<C: CheckpointStrategy, const N: usize>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
+            // Without a residual the ReLU's mask follows from x; with one, from the output.
+            let gate = match (relu, residual.is_some()) {
+                (false, _) => GateState::Open,
+                (true, true) => GateState::Output(y.clone()),
+                (true, false) => {
+                    let (scale, shift) =
+                        batch_norm::affine(values(&gamma), values(&beta), &stats, epsilon);
+                    GateState::Affine { scale, shift }
+                }
+            };
             let state = NormState {
                 x,
-                y: y.clone(),
                 gamma,
                 mean: stats.mean,
                 variance: stats.variance,
-                relu,
+                gate,
                 epsilon,
             };
             prep.finish(state, y)

@@ -32,11 +32,14 @@ impl NormShape {
         self.channels * self.plane
     }
 
-    /// Per-channel `(Σ a, Σ b)` where `run(n, c)` gives the two sums over image `n`, channel
-    /// `c`. Images are summed in parallel, in one contiguous run of images per thread (streaming
+    /// Per-channel `(Σ a, Σ b)` where `run(n, c, scratch)` gives the two sums over image `n`,
+    /// channel `c` (with a `plane`-long scratch buffer of its task). Images are summed in parallel, in one contiguous run of images per thread (streaming
     /// whole images), and the runs are added in a fixed order, so the result does not depend on
     /// scheduling.
-    fn channel_sums(&self, run: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+    fn channel_sums(
+        &self,
+        run: impl Fn(usize, usize, &mut Vec<f32>) -> (f64, f64) + Sync,
+    ) -> Vec<(f64, f64)> {
         let per = self
             .batch
             .div_ceil(rayon::current_num_threads().max(1))
@@ -45,9 +48,10 @@ impl NormShape {
             .into_par_iter()
             .map(|task| {
                 let mut sums = vec![(0.0, 0.0); self.channels];
+                let mut scratch = Vec::with_capacity(self.plane);
                 for n in task * per..((task + 1) * per).min(self.batch) {
                     for (c, sum) in sums.iter_mut().enumerate() {
-                        let (a, b) = run(n, c);
+                        let (a, b) = run(n, c, &mut scratch);
                         sum.0 += a;
                         sum.1 += b;
                     }
@@ -69,15 +73,6 @@ impl NormShape {
     fn run<'a>(&self, data: &'a [f32], n: usize, c: usize) -> &'a [f32] {
         &data[(n * self.channels + c) * self.plane..][..self.plane]
     }
-}
-
-/// What follows the normalization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Epilogue {
-    /// A residual of the input's shape is added after the affine map.
-    pub residual: bool,
-    /// ReLU is applied last.
-    pub relu: bool,
 }
 
 /// Batch statistics: per-channel mean and biased variance (what BatchNorm normalizes with and
@@ -115,7 +110,7 @@ fn sum2(len: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
 fn statistics(s: NormShape, x: &[f32]) -> Stats {
     // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
     let shift: Vec<f32> = (0..s.channels).map(|c| x[c * s.plane]).collect();
-    let sums = s.channel_sums(|n, c| {
+    let sums = s.channel_sums(|n, c, _| {
         let run = s.run(x, n, c);
         sum2(run.len(), |i| {
             let d = run[i] - shift[c];
@@ -138,6 +133,62 @@ fn inv_std(variance: f32, epsilon: f64) -> f32 {
     (1.0 / (variance as f64 + epsilon).sqrt()) as f32
 }
 
+/// Per-channel `(scale, shift)` of the normalization's affine map, `y = x·scale + shift`.
+pub fn affine(gamma: &[f32], beta: &[f32], stats: &Stats, epsilon: f64) -> (Vec<f32>, Vec<f32>) {
+    (0..gamma.len())
+        .map(|c| {
+            let scale = gamma[c] * inv_std(stats.variance[c], epsilon);
+            (scale, beta[c] - stats.mean[c] * scale)
+        })
+        .unzip()
+}
+
+/// Where the backward pass learns which outputs the ReLU let through.
+#[derive(Debug, Clone, Copy)]
+pub enum ReluGate<'a> {
+    /// No ReLU: every gradient passes.
+    Open,
+    /// Where the forward output `y` is positive (needed when a residual was added before the
+    /// ReLU).
+    Output(&'a [f32]),
+    /// Where the affine map `x·scale + shift` (from [`affine`], bit-identical to the forward's)
+    /// is positive: no residual, so the input decides, and `y` need not be read.
+    Affine { scale: &'a [f32], shift: &'a [f32] },
+}
+
+impl ReluGate<'_> {
+    /// Run `(n, c)` of `dy` with the ReLU applied: `dy` where the gate is open, 0 elsewhere.
+    /// Borrowed as is without a ReLU; written into `scratch` otherwise.
+    fn apply<'b>(
+        &self,
+        s: NormShape,
+        x: &[f32],
+        dy: &'b [f32],
+        (n, c): (usize, usize),
+        scratch: &'b mut Vec<f32>,
+    ) -> &'b [f32] {
+        let g = s.run(dy, n, c);
+        scratch.clear();
+        match *self {
+            ReluGate::Open => return g,
+            ReluGate::Output(y) => scratch.extend(
+                g.iter()
+                    .zip(s.run(y, n, c))
+                    .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }),
+            ),
+            ReluGate::Affine { scale, shift } => {
+                let (a, b) = (scale[c], shift[c]);
+                scratch.extend(
+                    g.iter()
+                        .zip(s.run(x, n, c))
+                        .map(|(&g, &x)| if x * a + b > 0.0 { g } else { 0.0 }),
+                )
+            }
+        }
+        scratch
+    }
+}
+
 /// `y = epilogue(γ·(x − mean)/√(var + ε) + β)` with the batch's own statistics.
 ///
 /// # Shapes
@@ -158,12 +209,7 @@ pub fn forward(
         "batch norm: residual length"
     );
     let stats = statistics(s, x);
-    let (scale, shift): (Vec<f32>, Vec<f32>) = (0..s.channels)
-        .map(|c| {
-            let scale = gamma[c] * inv_std(stats.variance[c], epsilon);
-            (scale, beta[c] - stats.mean[c] * scale)
-        })
-        .unzip();
+    let (scale, shift) = affine(gamma, beta, &stats, epsilon);
 
     let image = s.image();
     let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
@@ -204,39 +250,34 @@ pub struct Gradients {
     pub dbeta: Vec<f32>,
 }
 
-/// Gradients of [`forward`] given the output gradient `dy` and the forward output `y` (which
-/// supplies the ReLU's mask).
+/// Gradients of [`forward`] given the output gradient `dy`; `gate` says where the ReLU (if
+/// any) passed the gradient.
 ///
 /// # Shapes
-/// - `x`, `y`, `dy`, returned `dx` and `d_residual`: `[batch, channels, plane]`
+/// - `x`, `dy`, returned `dx` and `d_residual`: `[batch, channels, plane]`
 /// - `gamma`, `stats`, returned `dgamma`, `dbeta`: `[channels]`
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     s: NormShape,
     x: &[f32],
-    y: &[f32],
     dy: &[f32],
+    gate: ReluGate<'_>,
     gamma: &[f32],
     stats: &Stats,
-    epilogue: Epilogue,
+    residual: bool,
     epsilon: f64,
 ) -> Gradients {
     assert!(
-        x.len() == s.len() && y.len() == s.len() && dy.len() == s.len(),
+        x.len() == s.len() && dy.len() == s.len(),
         "batch norm backward: lengths"
     );
-    // g = dy masked by the ReLU: the gradient at the affine map's output (and at the residual).
-    let masked = |g: f32, y: f32| if !epilogue.relu || y > 0.0 { g } else { 0.0 };
-
+    // g = the gated dy: the gradient at the affine map's output (and at the residual).
     // Σ g and Σ g·(x − mean) per channel.
     let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) = s
-        .channel_sums(|n, c| {
-            let (xr, yr, gr) = (s.run(x, n, c), s.run(y, n, c), s.run(dy, n, c));
+        .channel_sums(|n, c, scratch| {
+            let (xr, gr) = (s.run(x, n, c), gate.apply(s, x, dy, (n, c), scratch));
             let mean = stats.mean[c];
-            sum2(xr.len(), |i| {
-                let g = masked(gr[i], yr[i]);
-                (g, g * (xr[i] - mean))
-            })
+            sum2(xr.len(), |i| (gr[i], gr[i] * (xr[i] - mean)))
         })
         .into_iter()
         .map(|(a, b)| (a as f32, b as f32))
@@ -268,26 +309,21 @@ pub fn backward(
             .zip(d_residual_runs)
             .enumerate()
             .for_each(|(n, (dxn, mut drn))| {
-                let run = n * image..(n + 1) * image;
-                let (xn, yn, gn) = (&x[run.clone()], &y[run.clone()], &dy[run]);
+                let mut scratch = Vec::with_capacity(s.plane);
                 for (c, &(k_g, k_x, k_0, mean)) in coefficients.iter().enumerate() {
                     let range = c * s.plane..(c + 1) * s.plane;
-                    let rows = dxn[range.clone()]
-                        .iter_mut()
-                        .zip(&xn[range.clone()])
-                        .zip(&yn[range.clone()])
-                        .zip(&gn[range.clone()]);
+                    let g = gate.apply(s, x, dy, (n, c), &mut scratch);
+                    let rows = dxn[range.clone()].iter_mut().zip(s.run(x, n, c)).zip(g);
                     match drn.as_deref_mut() {
                         Some(dr) => {
-                            for ((((dx, &x), &y), &g), dr) in rows.zip(&mut dr[range]) {
-                                let g = masked(g, y);
+                            for (((dx, &x), &g), dr) in rows.zip(&mut dr[range]) {
                                 dr.write(g);
                                 dx.write(k_g * g + k_x * (x - mean) + k_0);
                             }
                         }
                         None => {
-                            for (((dx, &x), &y), &g) in rows {
-                                dx.write(k_g * masked(g, y) + k_x * (x - mean) + k_0);
+                            for ((dx, &x), &g) in rows {
+                                dx.write(k_g * g + k_x * (x - mean) + k_0);
                             }
                         }
                     }
@@ -296,7 +332,7 @@ pub fn backward(
     };
     // SAFETY: every image and channel writes its whole range of `dx` (and of `d_residual`).
     let (dx, d_residual) = unsafe {
-        if epilogue.residual {
+        if residual {
             let (dx, d_residual) = filled_pair(s.len(), |dx, dr| fill(dx, Some(dr)));
             (dx, Some(d_residual))
         } else {
