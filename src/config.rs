@@ -399,6 +399,13 @@ mod tests {
             with(&["model.cut=4"]).unwrap().model.cut,
             CutSpec::Blocks(4)
         );
+        assert_eq!(with(&[]).unwrap().model.kernels, Kernels::Fused);
+        assert_eq!(
+            with(&["model.kernels=burn"]).unwrap().model.kernels,
+            Kernels::Burn
+        );
+        let err = with(&["model.kernels=fast"]).unwrap_err().to_string();
+        assert!(err.contains("model.kernels"), "{err}");
     }
 
     #[test]

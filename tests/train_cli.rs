@@ -271,6 +271,45 @@ fn bench_prints_json() {
     assert!(r["bytes_per_step"].as_u64().unwrap() > 2 * tensor_message(8, [16, 32, 32]));
 }
 
+/// burn's own kernels and splitaux's run the same step: same traffic, both recorded in the JSON.
+#[test]
+fn bench_runs_with_either_kernel_set() {
+    let run = |kernels: &str| -> Value {
+        let output = splitaux()
+            .args([
+                "bench",
+                "--depth",
+                "8",
+                "--cut",
+                "2",
+                "--batch",
+                "4",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+                "--kernels",
+                kernels,
+            ])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        serde_json::from_slice(&output).unwrap()
+    };
+    let (fused, burn) = (run("fused"), run("burn"));
+    assert_eq!(fused["config"]["kernels"], "fused");
+    assert_eq!(burn["config"]["kernels"], "burn");
+    assert_eq!(fused["bytes_per_step"], burn["bytes_per_step"]);
+    splitaux()
+        .args(["bench", "--kernels", "fast"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("fused").and(predicate::str::contains("burn")));
+}
+
 #[test]
 fn help_lists_commands() {
     splitaux()
