@@ -124,7 +124,7 @@ impl Shift {
 
     /// Zeroes the wrapped columns of the rows holding `[lo, hi)`.
     fn clear_wrapped(&self, row: &mut [f32]) {
-        if self.lo >= self.hi {
+        if self.lo >= self.hi || self.wrapped.is_empty() {
             return;
         }
         for start in (self.lo / self.w * self.w..self.hi).step_by(self.w) {
