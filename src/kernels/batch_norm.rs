@@ -8,6 +8,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::REDUCTION_CHUNK;
 use super::buffer::{filled, filled_pair};
 
 /// Layout of a BatchNorm input `[batch, channels, plane]` (plane = h·w).
@@ -33,17 +34,13 @@ impl NormShape {
     }
 
     /// Per-channel `(Σ a, Σ b)` where `run(n, c, scratch)` gives the two sums over image `n`,
-    /// channel `c` (with a `plane`-long scratch buffer of its task). Images are summed in parallel, in one contiguous run of images per thread (streaming
-    /// whole images), and the runs are added in a fixed order, so the result does not depend on
-    /// scheduling.
+    /// channel `c` (with a `plane`-long scratch buffer of its task). Chunks of whole images are
+    /// summed in parallel (streaming through memory) and added in a fixed order.
     fn channel_sums(
         &self,
         run: impl Fn(usize, usize, &mut Vec<f32>) -> (f64, f64) + Sync,
     ) -> Vec<(f64, f64)> {
-        let per = self
-            .batch
-            .div_ceil(rayon::current_num_threads().max(1))
-            .max(1);
+        let per = REDUCTION_CHUNK;
         let partials: Vec<Vec<(f64, f64)>> = (0..self.batch.div_ceil(per))
             .into_par_iter()
             .map(|task| {

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
+use super::REDUCTION_CHUNK;
 use super::buffer::filled;
 use super::gemm::{MatRef, matmul, matmul_uninit};
 
@@ -439,28 +440,30 @@ pub fn backward(
 /// - returns `[out, in, k, k]`
 fn weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (plane, patch, out) = (g.out_plane(), g.patch_len(), g.out_channels);
-    let per = images_per_task(g.batch);
+    let per = REDUCTION_CHUNK;
     let partial_dwt: Vec<Vec<f32>> = x
         .par_chunks(per * g.in_len())
         .zip(dy.par_chunks(per * g.out_len()))
-        .map(|(xs, dys)| {
-            let mut col = vec![0.0; patch * plane];
-            // The weight gradient transposed, [patch, out]: as a GEMM destination this shape runs
-            // 1.0–2.7× faster than [out, patch] (measured on Zen 4).
-            let mut dwt = vec![0.0; patch * out];
-            for (xi, dyi) in xs.chunks(g.in_len()).zip(dys.chunks(g.out_len())) {
-                im2col(g, xi, &mut col);
-                let dyi = MatRef::row_major(dyi, out, plane);
-                // [patch, plane] · [plane, out] → [patch, out], summed over the run
-                matmul(
-                    &mut dwt,
-                    MatRef::row_major(&col, patch, plane),
-                    dyi.t(),
-                    true,
-                );
-            }
-            dwt
-        })
+        .map_init(
+            || vec![0.0; patch * plane],
+            |col, (xs, dys)| {
+                // The weight gradient transposed, [patch, out]: as a GEMM destination this shape runs
+                // 1.0–2.7× faster than [out, patch] (measured on Zen 4).
+                let mut dwt = vec![0.0; patch * out];
+                for (xi, dyi) in xs.chunks(g.in_len()).zip(dys.chunks(g.out_len())) {
+                    im2col(g, xi, col);
+                    let dyi = MatRef::row_major(dyi, out, plane);
+                    // [patch, plane] · [plane, out] → [patch, out], summed over the chunk
+                    matmul(
+                        &mut dwt,
+                        MatRef::row_major(col, patch, plane),
+                        dyi.t(),
+                        true,
+                    );
+                }
+                dwt
+            },
+        )
         .collect();
     let mut total = vec![0.0; patch * out];
     for part in &partial_dwt {

@@ -24,6 +24,11 @@ use serde::{Deserialize, Serialize};
 
 pub use backend::CpuKernels;
 
+/// Images per partial sum in the batch reductions (weight gradients, BatchNorm sums). Fixed
+/// rather than one run per thread, so the partial sums, and the order they are added in, do not
+/// depend on the thread count: a seed gives bit-identical training on any number of cores.
+const REDUCTION_CHUNK: usize = 16;
+
 /// Which implementation runs the model's convolutions and BatchNorms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

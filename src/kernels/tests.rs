@@ -152,3 +152,53 @@ fn inference_and_unsupported_convolutions_fall_back_to_burn() {
         "dilated conv",
     );
 }
+
+#[test]
+fn reductions_do_not_depend_on_the_thread_count() {
+    use super::batch_norm::{self as bn, NormShape, ReluGate};
+    use super::conv::{self, ConvGeometry};
+
+    let g = ConvGeometry {
+        batch: 40, // more than two reduction chunks, the last one partial
+        in_channels: 3,
+        out_channels: 4,
+        height: 6,
+        width: 6,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let wave = |len: usize, k: f32| (0..len).map(|i| (i as f32 * k).sin()).collect::<Vec<f32>>();
+    let (x, w, dy) = (
+        wave(g.batch * g.in_len(), 0.37),
+        wave(4 * 3 * 9, 0.11),
+        wave(g.batch * g.out_len(), 0.23),
+    );
+    let s = NormShape {
+        batch: g.batch,
+        channels: 4,
+        plane: 36,
+    };
+    let (gamma, beta) = (vec![1.5f32; 4], vec![0.1f32; 4]);
+    let upstream = wave(dy.len(), 0.51);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (_, dw) = conv::backward(&g, &x, &w, &dy, false, true);
+            let (y, stats) = bn::forward(s, &dy, &gamma, &beta, None, true, 1e-5);
+            let gate = ReluGate::Output(&y);
+            let grads = bn::backward(s, &dy, &upstream, gate, &gamma, &stats, false, 1e-5);
+            (
+                dw.unwrap(),
+                stats.mean,
+                stats.variance,
+                grads.dgamma,
+                grads.dx,
+            )
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
