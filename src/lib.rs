@@ -2,7 +2,8 @@
 //! split learning on CIFAR, with every reported number measured.
 //!
 //! Layout: [`data`] reads CIFAR; [`model`] builds the ResNet, its split and the auxiliary heads;
-//! [`link`] is what crosses the cut; [`train`] holds the shared loop and the coupled and
+//! [`kernels`] are the CPU convolution and BatchNorm kernels the model runs on burn's flex
+//! backend; [`link`] is what crosses the cut; [`train`] holds the shared loop and the coupled and
 //! decoupled strategies; [`memory`] measures peaks; [`report`] turns runs into JSON and tables;
 //! [`experiment`] runs sweeps and makes paper-style tables and plots from them.
 
