@@ -156,6 +156,7 @@ pub enum ReluGate<'a> {
 impl ReluGate<'_> {
     /// Run `(n, c)` of `dy` with the ReLU applied: `dy` where the gate is open, 0 elsewhere.
     /// Borrowed as is without a ReLU; written into `scratch` otherwise.
+    #[inline]
     fn apply<'b>(
         &self,
         s: NormShape,
@@ -165,24 +166,23 @@ impl ReluGate<'_> {
         scratch: &'b mut Vec<f32>,
     ) -> &'b [f32] {
         let g = s.run(dy, n, c);
-        scratch.clear();
+        scratch.resize(g.len(), 0.0);
+        let out = &mut scratch[..g.len()];
         match *self {
             ReluGate::Open => return g,
-            ReluGate::Output(y) => scratch.extend(
-                g.iter()
-                    .zip(s.run(y, n, c))
-                    .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }),
-            ),
+            ReluGate::Output(y) => {
+                for ((o, &g), &y) in out.iter_mut().zip(g).zip(s.run(y, n, c)) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            }
             ReluGate::Affine { scale, shift } => {
                 let (a, b) = (scale[c], shift[c]);
-                scratch.extend(
-                    g.iter()
-                        .zip(s.run(x, n, c))
-                        .map(|(&g, &x)| if x * a + b > 0.0 { g } else { 0.0 }),
-                )
+                for ((o, &g), &x) in out.iter_mut().zip(g).zip(s.run(x, n, c)) {
+                    *o = if x * a + b > 0.0 { g } else { 0.0 };
+                }
             }
         }
-        scratch
+        out
     }
 }
 
