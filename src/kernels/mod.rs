@@ -92,6 +92,30 @@ pub fn conv2d(kernels: Kernels, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
+/// A scalar whose backward pass hands `g` to `h` as its gradient: what the coupled client
+/// calls `backward()` on. On the flex device this is one autodiff node ([`CpuKernels`]);
+/// elsewhere it is `(h · g).sum()`, which has the same gradient.
+///
+/// # Shapes
+/// - `h`, `g`: the same shape
+/// - output: `[1]`
+pub fn inject_gradient<const D: usize>(h: Tensor<D>, g: Tensor<D>) -> Tensor<1> {
+    assert_eq!(
+        h.dims(),
+        g.dims(),
+        "inject_gradient: h and g differ in shape"
+    );
+    if Kernels::Fused.fused_for(&h) && g.dtype() == DType::F32 {
+        let g = g.detach();
+        Tensor::from_dispatch(<Dispatch as CpuKernels>::inject_gradient(
+            h.into_dispatch(),
+            g.into_dispatch(),
+        ))
+    } else {
+        (h * g.detach()).sum()
+    }
+}
+
 /// `relu?(bn.forward(x) + residual?)`, by the fused kernel when it applies (training mode on the
 /// flex device). Updates `bn`'s running statistics exactly as burn's `BatchNorm` does.
 ///

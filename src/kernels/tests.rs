@@ -202,3 +202,36 @@ fn reductions_do_not_depend_on_the_thread_count() {
     };
     assert_eq!(run(1), run(3));
 }
+
+#[test]
+fn injected_gradient_reaches_the_input_unchanged() {
+    let w = random([2, 3]).require_grad();
+    let h = w.clone().exp(); // a non-leaf, as the cut activations are
+    let g = random([2, 3]);
+    let grads = super::inject_gradient(h.clone(), g.clone()).backward();
+    // d/dw Σ exp(w)·g = exp(w)·g
+    assert_close(
+        w.grad(&grads).unwrap(),
+        w.clone().inner().exp() * g.clone().inner(),
+        "through exp",
+    );
+
+    // The same as the (h · g).sum() surrogate (a fresh forward: a graph runs backward once).
+    drop(h);
+    let reference = (w.clone().exp() * g.clone()).sum().backward();
+    assert_close(
+        w.grad(&grads).unwrap(),
+        w.grad(&reference).unwrap(),
+        "against (h · g).sum()",
+    );
+    // Scaled upstream gradients are honoured.
+    let h = w.clone().exp();
+    let grads = super::inject_gradient(h, g.clone())
+        .mul_scalar(2.0)
+        .backward();
+    assert_close(
+        w.grad(&grads).unwrap(),
+        w.clone().inner().exp() * g.inner() * 2.0,
+        "scaled",
+    );
+}

@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Gradients, Int, Tensor};
 
+use crate::kernels::inject_gradient;
 use crate::model::{ClientModel, ServerNet, cross_entropy};
 
 /// A model with its optimizer.
@@ -65,10 +66,10 @@ impl Client {
     }
 
     /// Coupled update: backpropagates the server's gradient at the cut through the partition.
-    /// `(h · g).sum()` has gradient `g` with respect to `h`, so its backward pass is exactly the
-    /// chain rule continued from the server.
+    /// The surrogate's gradient with respect to `h` is `grad`, so its backward pass is exactly
+    /// the chain rule continued from the server.
     pub fn train_on_cut_gradient(&mut self, h: Tensor<4>, grad: Tensor<4>, lr: f64) {
-        let surrogate = (h * grad).sum();
+        let surrogate = inject_gradient(h, grad);
         self.0.apply(lr, surrogate.backward());
     }
 }
