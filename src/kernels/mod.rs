@@ -7,6 +7,8 @@
 //! [`conv2d`] and [`batch_norm`] are what the model calls. They run these kernels when the tensors
 //! live on the flex device and the model asked for [`Kernels::Fused`]; on any other device (wgpu)
 //! or with [`Kernels::Burn`] they run burn's own modules, the reference the tests compare against.
+//! [`inject_gradient`] is how the coupled client continues backpropagation from the server's
+//! gradient at the cut.
 
 mod backend;
 pub mod batch_norm;
@@ -26,7 +28,7 @@ pub use backend::CpuKernels;
 
 /// Images per partial sum in the batch reductions (weight gradients, BatchNorm sums). Fixed
 /// rather than one run per thread, so the partial sums, and the order they are added in, do not
-/// depend on the thread count: a seed gives bit-identical training on any number of cores.
+/// depend on the thread count: these kernels give bit-identical results on any number of cores.
 const REDUCTION_CHUNK: usize = 16;
 
 /// Which implementation runs the model's convolutions and BatchNorms.
