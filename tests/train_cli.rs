@@ -5,24 +5,20 @@ mod common;
 
 use std::path::Path;
 
-use common::{TINY, cifar10, splitaux};
+use common::{TINY, cifar10, json_stdout, splitaux};
 use predicates::prelude::*;
 use serde_json::Value;
 
 fn train(extra: &[&str], out: &Path) -> Value {
-    let output = splitaux()
-        .args(["train", "--offline", "--json", "--data-dir"])
-        .arg(cifar10())
-        .arg("--out")
-        .arg(out)
-        .args(TINY)
-        .args(extra)
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice(&output).unwrap()
+    json_stdout(
+        splitaux()
+            .args(["train", "--offline", "--json", "--data-dir"])
+            .arg(cifar10())
+            .arg("--out")
+            .arg(out)
+            .args(TINY)
+            .args(extra),
+    )
 }
 
 /// Bytes of one encoded f32 activation/gradient message: 6-byte header, 4 dims × 4, payload.
@@ -254,17 +250,10 @@ fn diverging_run_stops_with_error_and_keeps_report() {
 
 #[test]
 fn bench_prints_json() {
-    let output = splitaux()
-        .args([
-            "bench", "--depth", "8", "--cut", "1", "--batch", "8", "--steps", "2", "--warmup", "1",
-            "--json", "--mode", "coupled",
-        ])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let r: Value = serde_json::from_slice(&output).unwrap();
+    let r = json_stdout(splitaux().args([
+        "bench", "--depth", "8", "--cut", "1", "--batch", "8", "--steps", "2", "--warmup", "1",
+        "--json", "--mode", "coupled",
+    ]));
     assert!(r["images_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["peak_memory_bytes"].as_u64().unwrap() > 0);
     // One activation message, one label message and one gradient message per step.
@@ -274,30 +263,23 @@ fn bench_prints_json() {
 /// burn's own kernels and splitaux's run the same step: same traffic, both recorded in the JSON.
 #[test]
 fn bench_runs_with_either_kernel_set() {
-    let run = |kernels: &str| -> Value {
-        let output = splitaux()
-            .args([
-                "bench",
-                "--depth",
-                "8",
-                "--cut",
-                "2",
-                "--batch",
-                "4",
-                "--steps",
-                "1",
-                "--warmup",
-                "0",
-                "--json",
-                "--kernels",
-                kernels,
-            ])
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        serde_json::from_slice(&output).unwrap()
+    let run = |kernels: &str| {
+        json_stdout(splitaux().args([
+            "bench",
+            "--depth",
+            "8",
+            "--cut",
+            "2",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            "--kernels",
+            kernels,
+        ]))
     };
     let (fused, burn) = (run("fused"), run("burn"));
     assert_eq!(fused["config"]["kernels"], "fused");

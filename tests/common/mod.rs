@@ -191,15 +191,17 @@ pub const TINY: [&str; 14] = [
     "train.threads=2",
 ];
 
+/// Runs `command`, asserts success, and parses its standard output as JSON.
+pub fn json_stdout(command: &mut Command) -> serde_json::Value {
+    let assert = command.assert().success();
+    serde_json::from_slice(&assert.get_output().stdout).expect("stdout is JSON")
+}
+
 /// `splitaux data check --json` on `dir`, parsed.
 pub fn check_json(dir: &Path) -> serde_json::Value {
-    let out = splitaux()
-        .args(["data", "check", "--json", "--data-dir"])
-        .arg(dir)
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice(&out).unwrap()
+    json_stdout(
+        splitaux()
+            .args(["data", "check", "--json", "--data-dir"])
+            .arg(dir),
+    )
 }
