@@ -1,10 +1,10 @@
 //! Which burn backend runs the tensors.
 
 use burn::tensor::Device;
-
-use crate::memory;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+
+use crate::memory;
 
 /// A compute backend splitaux can train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]

@@ -1,8 +1,9 @@
-//! 2-D convolution on NCHW `f32` slices: forward, and the input and weight gradients in one pass.
+//! 2-D convolution on NCHW `f32` slices: forward, input gradient and weight gradient.
 //!
 //! Each image is lowered to a patch matrix (im2col, `[in·k·k, out_h·out_w]`) and multiplied with
-//! the weights as one GEMM; the batch is split into one contiguous run of images per thread, each
-//! thread with its own scratch buffers. burn-flex instead converts every input to NHWC, flattens the
+//! the weights as one GEMM. Forward and input gradient split the batch into one contiguous run of
+//! images per thread, each with its own scratch buffers; the weight gradient sums fixed chunks of
+//! images (`REDUCTION_CHUNK`) so its result does not depend on the thread count. burn-flex instead converts every input to NHWC, flattens the
 //! weights on one thread, and computes the weight gradient as a convolution with the output gradient
 //! as its kernel (a 9× larger im2col and a skinny GEMM); here the weight gradient is the direct
 //! product `dW = dY · colᵀ`.
