@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 
 use super::REDUCTION_CHUNK;
 use super::buffer::filled;
+use super::direct;
 use super::gemm::{MatRef, matmul, matmul_uninit};
 
 /// Shape of a square-kernel convolution without dilation, groups or bias.
@@ -366,6 +367,33 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
         g.out_channels * g.patch_len(),
         "conv2d: weight length"
     );
+    if direct::handles(g) {
+        forward_direct(g, x, weight)
+    } else {
+        forward_im2col(g, x, weight)
+    }
+}
+
+/// [`forward`] by [`direct`] convolution, image by image.
+fn forward_direct(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let packed = direct::PackedWeights::new(g, weight);
+    let per = images_per_task(g.batch);
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(per * g.out_len())
+            .zip(x.par_chunks(per * g.in_len()))
+            .for_each(|(ys, xs)| {
+                let mut scratch = direct::Scratch::new(g, &packed);
+                for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
+                    direct::forward_image(g, xi, &packed, &mut scratch, yi);
+                }
+            })
+    };
+    // SAFETY: `forward_image` writes each image's `out_len` outputs whole.
+    unsafe { filled(g.batch * g.out_len(), fill) }
+}
+
+/// [`forward`] as im2col + one GEMM per image.
+fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let (plane, patch) = (g.out_plane(), g.patch_len());
     let w = MatRef::row_major(weight, g.out_channels, patch);
     let per = images_per_task(g.batch);
@@ -465,6 +493,15 @@ pub fn backward(
 /// - `x`: `[batch, in, h, w]`; `dy`: `[batch, out, out_h, out_w]`
 /// - returns `[out, in, k, k]`
 fn weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    if direct::handles_weight_gradient(g) {
+        direct::weight_gradient(g, x, dy, REDUCTION_CHUNK)
+    } else {
+        weight_gradient_im2col(g, x, dy)
+    }
+}
+
+/// [`weight_gradient`] as im2col + one GEMM per image, summed over fixed chunks of images.
+fn weight_gradient_im2col(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (plane, patch, out) = (g.out_plane(), g.patch_len(), g.out_channels);
     let per = REDUCTION_CHUNK;
     let partial_dwt: Vec<Vec<f32>> = x
@@ -601,15 +638,54 @@ mod tests {
             g(5, 3, 2, 7, 3, 2, 1), // odd side, stride 2
             g(2, 2, 3, 5, 1, 1, 0),
             g(1, 1, 2, 4, 3, 2, 0),
-            g(4, 2, 2, 5, 3, 1, 2),  // padding wider than the kernel's reach
-            g(3, 3, 33, 6, 3, 2, 1), // many output channels: the untransposed GEMM
-            g(2, 2, 3, 6, 5, 1, 2),  // 5×5 'same'
-            g(2, 3, 40, 7, 3, 1, 1), // 3×3 'same', untransposed GEMM
-            g(3, 2, 4, 8, 3, 2, 1),  // stride 2 on an even side: phase planes
-            g(2, 3, 33, 6, 3, 2, 1), // the same, untransposed GEMM
-            g(2, 2, 3, 9, 3, 3, 0),  // stride 3, aligned, no padding
-            g(2, 2, 3, 2, 5, 1, 2),  // kernel wider than the image
+            g(4, 2, 2, 5, 3, 1, 2),   // padding wider than the kernel's reach
+            g(3, 3, 33, 6, 3, 2, 1),  // many output channels: the untransposed GEMM
+            g(2, 2, 3, 6, 5, 1, 2),   // 5×5 'same'
+            g(2, 3, 40, 7, 3, 1, 1),  // 3×3 'same', untransposed GEMM
+            g(3, 2, 4, 8, 3, 2, 1),   // stride 2 on an even side: phase planes
+            g(2, 3, 33, 6, 3, 2, 1),  // the same, untransposed GEMM
+            g(2, 2, 3, 9, 3, 3, 0),   // stride 3, aligned, no padding
+            g(2, 2, 3, 2, 5, 1, 2),   // kernel wider than the image
+            g(3, 3, 5, 16, 3, 1, 1),  // direct weight gradient, odd output channels
+            g(17, 8, 3, 32, 3, 1, 1), // direct: batch past a reduction chunk, groups of 9
         ]
+    }
+
+    /// A convolution kernel on whole batches: `(geometry, x, weights or dy) → output`.
+    type Kernel = fn(&ConvGeometry, &[f32], &[f32]) -> Vec<f32>;
+
+    /// Each way [`forward`] can run: im2col + GEMM and, where this CPU and `g` allow it, direct.
+    fn forward_paths(g: &ConvGeometry) -> Vec<(&'static str, Kernel)> {
+        let mut paths: Vec<(&'static str, Kernel)> = vec![("im2col", forward_im2col)];
+        if direct::handles(g) {
+            paths.push(("direct", forward_direct));
+        }
+        paths
+    }
+
+    /// As [`forward_paths`], for the weight gradient.
+    fn weight_gradient_paths(g: &ConvGeometry) -> Vec<(&'static str, Kernel)> {
+        let mut paths: Vec<(&'static str, Kernel)> = vec![("im2col", weight_gradient_im2col)];
+        if direct::handles_weight_gradient(g) {
+            paths.push(("direct", |g, x, dy| {
+                direct::weight_gradient(g, x, dy, REDUCTION_CHUNK)
+            }));
+        }
+        paths
+    }
+
+    /// A non-square image (the geometries above are square).
+    fn wide() -> ConvGeometry {
+        ConvGeometry {
+            batch: 2,
+            in_channels: 2,
+            out_channels: 9,
+            height: 5,
+            width: 19,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        }
     }
 
     fn assert_close(a: &[f32], b: &[f32], what: &str) {
@@ -624,15 +700,61 @@ mod tests {
 
     #[test]
     fn forward_matches_the_definition() {
-        for g in geometries() {
+        for g in geometries().into_iter().chain([wide()]) {
             let x = values(g.batch * g.in_len(), 1);
             let w = values(g.out_channels * g.patch_len(), 2);
-            assert_close(
-                &forward(&g, &x, &w),
-                &naive_forward(&g, &x, &w),
-                &format!("{g:?}"),
-            );
+            let want = naive_forward(&g, &x, &w);
+            assert_close(&forward(&g, &x, &w), &want, &format!("{g:?}"));
+            for (name, path) in forward_paths(&g) {
+                assert_close(&path(&g, &x, &w), &want, &format!("{name} {g:?}"));
+            }
         }
+    }
+
+    /// Both weight-gradient implementations agree with each other (and, through
+    /// `gradients_are_the_adjoints_of_the_forward_map`, with the forward map).
+    #[test]
+    fn weight_gradient_paths_agree() {
+        for g in geometries().into_iter().chain([wide()]) {
+            let x = values(g.batch * g.in_len(), 8);
+            let dy = values(g.batch * g.out_len(), 9);
+            let paths = weight_gradient_paths(&g);
+            let (_, reference) = paths[0];
+            let want = reference(&g, &x, &dy);
+            for (name, path) in &paths[1..] {
+                assert_close(&path(&g, &x, &dy), &want, &format!("{name} {g:?}"));
+            }
+        }
+    }
+
+    /// This machine's CPU runs the direct kernels (CI's machines are AVX-512 Zen 4), so the
+    /// comparisons above exercise them; on a CPU without AVX-512 this test says so by failing
+    /// only if the kernels claim support they do not have.
+    #[test]
+    fn direct_kernels_cover_resnet_convolutions_where_the_cpu_allows() {
+        let g = ConvGeometry {
+            batch: 2,
+            in_channels: 16,
+            out_channels: 16,
+            height: 16,
+            width: 16,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        assert_eq!(direct::handles(&g), cpu);
+        assert_eq!(direct::handles_weight_gradient(&g), cpu);
+        assert!(!direct::handles_weight_gradient(&ConvGeometry {
+            width: 8,
+            height: 8,
+            ..g
+        }));
+        assert!(!direct::handles(&ConvGeometry { stride: 2, ..g }));
     }
 
     /// The gradients are the adjoints of the forward map: for a linear map y = A(x, w),
@@ -640,7 +762,7 @@ mod tests {
     #[test]
     fn gradients_are_the_adjoints_of_the_forward_map() {
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum::<f64>();
-        for g in geometries() {
+        for g in geometries().into_iter().chain([wide()]) {
             let x = values(g.batch * g.in_len(), 3);
             let w = values(g.out_channels * g.patch_len(), 4);
             let dy = values(g.batch * g.out_len(), 5);

@@ -14,6 +14,7 @@ mod backend;
 pub mod batch_norm;
 mod buffer;
 pub mod conv;
+pub mod direct;
 mod gemm;
 
 use burn::backend::{Dispatch, DispatchDevice};
