@@ -382,7 +382,7 @@ fn forward_direct(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
         y.par_chunks_mut(per * g.out_len())
             .zip(x.par_chunks(per * g.in_len()))
             .for_each(|(ys, xs)| {
-                let mut scratch = direct::Scratch::new(g, &packed);
+                let mut scratch = direct::Scratch::new(g);
                 for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
                     direct::forward_image(g, xi, &packed, &mut scratch, yi);
                 }
