@@ -151,10 +151,18 @@ impl Message {
                 payload.len()
             )));
         }
-        Ok(Self {
-            kind,
-            data: TensorData::from_bytes_vec(payload.to_vec(), dims, dtype),
-        })
+        let data = if dtype == DType::F32 {
+            // Straight into an `f32` buffer: one copy. (`from_bytes_vec` would copy the bytes
+            // twice, the second time to align them for `f32`.)
+            let values: Vec<f32> = payload
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            TensorData::new(values, dims)
+        } else {
+            TensorData::from_bytes_vec(payload.to_vec(), dims, dtype)
+        };
+        Ok(Self { kind, data })
     }
 }
 
