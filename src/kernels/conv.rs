@@ -727,9 +727,9 @@ mod tests {
         }
     }
 
-    /// This machine's CPU runs the direct kernels (CI's machines are AVX-512 Zen 4), so the
-    /// comparisons above exercise them; on a CPU without AVX-512 this test says so by failing
-    /// only if the kernels claim support they do not have.
+    /// The dispatch follows the CPU: with AVX-512 F and VL (this project's machines) the direct
+    /// kernels take ResNet's stride-1 convolutions, so the comparisons above exercise both
+    /// paths; stride 2 and 8×8 weight gradients stay on im2col + GEMM.
     #[test]
     fn direct_kernels_cover_resnet_convolutions_where_the_cpu_allows() {
         let g = ConvGeometry {
