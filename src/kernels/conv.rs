@@ -12,10 +12,10 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::REDUCTION_CHUNK;
 use super::buffer::filled;
 use super::direct;
 use super::gemm::{MatRef, matmul, matmul_uninit};
+use super::{REDUCTION_CHUNK, sum_in_order};
 
 /// Shape of a square-kernel convolution without dilation, groups or bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,10 +523,7 @@ fn weight_gradient_im2col(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
             },
         )
         .collect();
-    let mut total = vec![0.0; patch * out];
-    for part in &partial_dwt {
-        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
-    }
+    let total = sum_in_order(&partial_dwt, patch * out);
     // SAFETY: the transpose writes all `out · patch` elements.
     unsafe { filled(out * patch, |dw| transpose(&total, patch, out, dw)) }
 }

@@ -142,6 +142,17 @@ impl Layout {
         }
     }
 
+    /// Writes an output gradient `[out, h, w]` onto the grid rows in `dst` (whose dropped
+    /// columns and tail are zero and stay so).
+    fn lay_on_grid(&self, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
+        let w = g.width;
+        for (src, grid) in dy.chunks_exact(g.height * w).zip(dst.chunks_mut(self.grid)) {
+            for (r, src_row) in src.chunks_exact(w).enumerate() {
+                copy_row(src_row, &mut grid[r * self.row..][..w]);
+            }
+        }
+    }
+
     /// Offset of tap `(ki, kj)` from a grid position, in the padded plane.
     fn taps(&self, g: &ConvGeometry) -> Vec<usize> {
         (0..g.kernel * g.kernel)
@@ -347,11 +358,12 @@ pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
 const GROUP_BYTES: usize = 512 * 1024;
 
 /// `dW = Σₙ Σ_g dYₙ[o, g] · X′ₙ[c, g + tap]`, the correlation of the output gradient laid on the
-/// padded-width grid (zero on the dropped columns) with the padded input. A tile keeps
-/// two output channels × one input channel × nine taps (18 vector accumulators)
-/// accumulators across a group of images, then sums their lanes. Images are summed in fixed
-/// chunks of `chunk` (and groups within them), so the result does not depend on the thread
-/// count.
+/// padded-width grid (zero on the dropped columns) with the padded input. A tile keeps two
+/// output channels × one input channel × nine taps in 18 vector accumulators across a group of
+/// images, then sums their lanes. Images are summed in fixed chunks of `chunk` (and groups within
+/// them), so the result does not depend on the thread count. The dropped columns multiply
+/// zeros with input pixels the true sum does not read: an infinite input pixel (a diverged
+/// step) can turn a finite weight-gradient entry into NaN where im2col would not.
 ///
 /// # Shapes
 /// - `x`: `[batch, in, h, w]`; `dy`: `[batch, out, h, w]`
@@ -402,24 +414,7 @@ pub fn weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32], chunk: usize) ->
             },
         )
         .collect();
-    let mut total = vec![0.0; size];
-    for part in &partials {
-        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
-    }
-    total
-}
-
-impl Layout {
-    /// Writes an output gradient `[out, h, w]` onto the grid rows in `dst` (whose dropped
-    /// columns and tail are zero and stay so).
-    fn lay_on_grid(&self, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
-        let w = g.width;
-        for (src, grid) in dy.chunks_exact(g.height * w).zip(dst.chunks_mut(self.grid)) {
-            for (r, src_row) in src.chunks_exact(w).enumerate() {
-                copy_row(src_row, &mut grid[r * self.row..][..w]);
-            }
-        }
-    }
+    super::sum_in_order(&partials, size)
 }
 
 /// A group of images prepared for the weight gradient: padded inputs `x_len` floats apart and

@@ -32,6 +32,15 @@ pub use backend::CpuKernels;
 /// depend on the thread count: these kernels give bit-identical results on any number of cores.
 const REDUCTION_CHUNK: usize = 16;
 
+/// Adds the per-chunk partial sums of a reduction in chunk order (see [`REDUCTION_CHUNK`]).
+fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let mut total = vec![0.0; len];
+    for part in partials {
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
+    total
+}
+
 /// Which implementation runs the model's convolutions and BatchNorms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
