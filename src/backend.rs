@@ -1,13 +1,12 @@
 //! Which burn backend runs the tensors.
 
 use burn::tensor::Device;
-use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::memory;
 
 /// A compute backend splitaux can train on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// burn's pure-Rust CPU backend.

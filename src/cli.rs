@@ -8,14 +8,15 @@ use clap::{Args, Parser, Subcommand};
 
 use splitaux::backend::BackendKind;
 use splitaux::config::{ExperimentConfig, Mode};
+use splitaux::data::partition::class_histograms;
 use splitaux::data::{self, DatasetKind, LabelSet, fetch, locate};
-use splitaux::experiment::table::{Metric, aggregate};
+use splitaux::experiment::table::aggregate;
 use splitaux::experiment::{Axis, Sweep, SweepOptions, plot as plots, read_records, run_sweep};
 use splitaux::kernels::Kernels;
 use splitaux::model::{AuxKind, CutSpec};
-use splitaux::report::{self, Report, human_bytes};
-use splitaux::train::bench::{BenchConfig, bench};
-use splitaux::train::{PreparedData, RunOptions, run};
+use splitaux::report::{self, Metric, Report, human_bytes};
+use splitaux::run::bench::{BenchConfig, bench};
+use splitaux::run::{PreparedData, RunOptions, run};
 
 /// Split learning on CIFAR: classic (coupled) versus decoupled training with an auxiliary loss,
 /// with measured accuracy, bytes across the cut and peak memory.
@@ -87,7 +88,7 @@ pub struct TableArgs {
     #[arg(long, default_value = "train.mode")]
     pub cols: String,
     /// Metrics to show (repeatable) [default: test-accuracy, bytes-per-epoch, peak-memory].
-    #[arg(long = "metric", value_enum)]
+    #[arg(long = "metric")]
     pub metrics: Vec<Metric>,
     #[arg(long, value_enum, default_value = "md")]
     pub format: TableFormat,
@@ -115,12 +116,64 @@ pub enum DataCommand {
     Fetch(FetchArgs),
     /// Validate a dataset and print per-split, per-class image counts.
     Check(CheckArgs),
+    /// Print how the config's partition divides the training images among the clients
+    /// (per client, per class).
+    Partition(PartitionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PartitionArgs {
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// Print the counts as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A configuration and the data it names: the arguments `train`, `compare` and
+/// `data partition` share.
+#[derive(Debug, Args)]
+pub struct ConfigSource {
+    /// TOML config (see configs/); without it the built-in defaults are used.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override any config field by its dotted path, e.g. --set model.cut=middle (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// The dataset folder or its parent; beats data.dir and $SPLITAUX_DATA.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Never download: fail if the dataset is missing.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<ExperimentConfig> {
+        Ok(ExperimentConfig::load(
+            self.config.as_deref(),
+            &self.overrides,
+        )?)
+    }
+
+    /// The training and test images `config` uses (fetched first unless offline).
+    fn prepare(&self, config: &ExperimentConfig, interactive: bool) -> Result<PreparedData> {
+        let root = locate::data_root(self.data_dir.as_deref(), Some(config.data.dir.as_path()));
+        let cifar = data::open(
+            config.data.dataset,
+            config.data.labels,
+            &root,
+            self.offline,
+            interactive,
+        )?;
+        Ok(PreparedData::new(&cifar, config))
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// Which dataset.
-    #[arg(value_enum)]
+    /// Which dataset: cifar10 or cifar100.
+    #[arg(value_parser = parse_name::<DatasetKind>)]
     pub dataset: DatasetKind,
     /// Data root to extract into [default: $SPLITAUX_DATA, else data/].
     #[arg(long)]
@@ -135,11 +188,11 @@ pub struct FetchArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Which dataset.
-    #[arg(long, value_enum, default_value = "cifar10")]
+    /// Which dataset: cifar10 or cifar100.
+    #[arg(long, default_value = "cifar10", value_parser = parse_name::<DatasetKind>)]
     pub dataset: DatasetKind,
     /// CIFAR-100 labels to count: fine (100 classes) or coarse (20).
-    #[arg(long, default_value = "fine", value_parser = parse_labels)]
+    #[arg(long, default_value = "fine", value_parser = parse_name::<LabelSet>)]
     pub labels: LabelSet,
     /// The dataset folder or its parent [default: $SPLITAUX_DATA, else data/].
     #[arg(long)]
@@ -149,31 +202,13 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
-fn parse_labels(s: &str) -> Result<LabelSet, String> {
-    match s {
-        "fine" => Ok(LabelSet::Fine),
-        "coarse" => Ok(LabelSet::Coarse),
-        _ => Err(format!("`{s}`: use fine or coarse")),
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// TOML config (see configs/); without it the built-in defaults are used.
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Override train.mode (train only; compare runs both).
-    #[arg(long, value_enum)]
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// Override train.mode: coupled or decoupled (train only; compare runs both).
+    #[arg(long, value_parser = parse_name::<Mode>)]
     pub mode: Option<Mode>,
-    /// Override any config field by its dotted path, e.g. --set model.cut=middle (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// The dataset folder or its parent; beats data.dir and $SPLITAUX_DATA.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Never download: fail if the dataset is missing.
-    #[arg(long)]
-    pub offline: bool,
     /// Folder for the JSON report(s) [default: runs/<UTC time>-<mode>].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -184,7 +219,8 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    #[arg(long, value_enum, default_value = "decoupled")]
+    /// coupled or decoupled.
+    #[arg(long, default_value = "decoupled", value_parser = parse_name::<Mode>)]
     pub mode: Mode,
     /// ResNet depth (6n+2).
     #[arg(long, default_value_t = 20)]
@@ -193,7 +229,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "shallow")]
     pub cut: CutSpec,
     /// Auxiliary head: linear, mlp or cnn.
-    #[arg(long, default_value = "linear", value_parser = parse_aux)]
+    #[arg(long, default_value = "linear", value_parser = parse_name::<AuxKind>)]
     pub aux: AuxKind,
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
@@ -206,29 +242,29 @@ pub struct BenchArgs {
     /// CPU threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    #[arg(long, value_enum, default_value = "flex")]
+    /// flex (CPU) or wgpu.
+    #[arg(long, default_value = "flex", value_parser = parse_name::<BackendKind>)]
     pub backend: BackendKind,
-    /// Convolution and BatchNorm implementation.
-    #[arg(long, value_enum, default_value = "fused")]
+    /// Convolution and BatchNorm implementation: fused or burn.
+    #[arg(long, default_value = "fused", value_parser = parse_name::<Kernels>)]
     pub kernels: Kernels,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
 
-fn parse_aux(s: &str) -> Result<AuxKind, String> {
-    match s {
-        "linear" => Ok(AuxKind::Linear),
-        "mlp" => Ok(AuxKind::Mlp),
-        "cnn" => Ok(AuxKind::Cnn),
-        _ => Err(format!("`{s}`: use linear, mlp or cnn")),
-    }
+/// A library enum from its config name (`coupled`, `cifar10`, `fused`, …): the command line
+/// accepts exactly the words the TOML files do.
+fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    use serde::de::value::{Error, StrDeserializer};
+    T::deserialize(StrDeserializer::<Error>::new(s)).map_err(|e| e.to_string())
 }
 
 pub fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(DataCommand::Fetch(args)) => data_fetch(args),
         Command::Data(DataCommand::Check(args)) => data_check(args),
+        Command::Data(DataCommand::Partition(args)) => data_partition(args),
         Command::Train(args) => train(args, false),
         Command::Compare(args) => train(args, true),
         Command::Bench(args) => run_bench(args),
@@ -297,25 +333,73 @@ fn data_check(args: CheckArgs) -> Result<()> {
     Ok(())
 }
 
+fn data_partition(args: PartitionArgs) -> Result<()> {
+    let config = args.source.load()?;
+    let interactive = !args.json && std::io::stdout().is_terminal();
+    let prepared = args.source.prepare(&config, interactive)?;
+    let parts = prepared.partition(&config)?;
+    let histograms = class_histograms(&prepared.train.labels, prepared.classes, &parts);
+    let c = &config.clients;
+    if args.json {
+        let clients: Vec<_> = histograms
+            .iter()
+            .enumerate()
+            .map(|(id, h)| {
+                serde_json::json!({"id": id, "images": h.iter().sum::<usize>(), "class_histogram": h})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "dataset": prepared.dataset,
+            "train_images": prepared.train.len(),
+            "classes": prepared.classes,
+            "partition": c.partition.name(),
+            "alpha": c.alpha,
+            "seed": c.seed,
+            "clients": clients,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} training images of {} divided among {} clients ({} partition, clients.seed = {})",
+        prepared.train.len(),
+        prepared.dataset,
+        parts.len(),
+        c.partition.name(),
+        c.seed
+    );
+    let width = histograms
+        .iter()
+        .flatten()
+        .map(|n| n.to_string().len())
+        .max()
+        .unwrap_or(1)
+        .max(3);
+    let mut header = format!("{:>6}  {:>6} ", "client", "images");
+    for class in 0..prepared.classes {
+        header.push_str(&format!(" {class:>width$}"));
+    }
+    println!("{header}");
+    for (id, h) in histograms.iter().enumerate() {
+        let mut line = format!("{id:>6}  {:>6} ", h.iter().sum::<usize>());
+        for n in h {
+            line.push_str(&format!(" {n:>width$}"));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs, compare: bool) -> Result<()> {
-    let mut config = ExperimentConfig::load(args.config.as_deref(), &args.overrides)?;
+    let mut config = args.source.load()?;
     if let Some(mode) = args.mode {
         if compare {
             bail!("--mode does not apply to compare, which runs both modes");
         }
         config.train.mode = mode;
     }
-    let root = locate::data_root(args.data_dir.as_deref(), Some(config.data.dir.as_path()));
     let interactive = !args.json && std::io::stdout().is_terminal();
-    let cifar = data::open(
-        config.data.dataset,
-        config.data.labels,
-        &root,
-        args.offline,
-        interactive,
-    )?;
-    let prepared = PreparedData::new(&cifar, &config);
-    drop(cifar);
+    let prepared = args.source.prepare(&config, interactive)?;
     let options = RunOptions {
         progress: !args.json,
         multi: None,

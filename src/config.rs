@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
+use crate::data::partition::{PartitionRule, PartitionSpec};
 use crate::data::{DatasetKind, LabelSet, SubsetRule};
+use crate::federation::ClientSchedule;
 use crate::kernels::Kernels;
 use crate::model::{AuxKind, CutSpec};
 
 /// Everything one run needs. The TOML layout mirrors this structure: `[data]`, `[model]`,
-/// `[train]`, `[optim]`.
+/// `[train]`, `[optim]`, `[clients]`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExperimentConfig {
@@ -19,6 +21,7 @@ pub struct ExperimentConfig {
     pub model: ModelConfig,
     pub train: TrainConfig,
     pub optim: OptimConfig,
+    pub clients: ClientsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,7 +83,7 @@ impl Default for ModelConfig {
 }
 
 /// Coupled (classic) or decoupled (auxiliary-loss) split learning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The server sends the cut gradient back every step.
@@ -183,6 +186,56 @@ impl Default for OptimConfig {
             schedule: Schedule::Cosine,
             warmup: 0.3,
             betas: [0.9, 0.999],
+        }
+    }
+}
+
+/// The clients of a run: how many, how they take turns, and how the training images are
+/// divided among them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsConfig {
+    /// Number of clients (1 = a single client holding the whole training subset).
+    pub count: usize,
+    /// How the clients take turns: `sequential` (vanilla split learning).
+    pub schedule: ClientSchedule,
+    /// `iid`, `contiguous`, `dirichlet` or `shards`.
+    pub partition: PartitionRule,
+    /// Dirichlet concentration (smaller = more skewed).
+    pub alpha: f64,
+    /// Fewest training images a client may get.
+    pub min_images: usize,
+    /// `shards`: label-sorted shards per client.
+    pub shards_per_client: usize,
+    /// Seed of the partition (separate from `train.seed`, so the partition stays fixed across
+    /// training seeds).
+    pub seed: u64,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        Self {
+            count: 1,
+            schedule: ClientSchedule::Sequential,
+            partition: PartitionRule::Iid,
+            alpha: 0.5,
+            min_images: 10,
+            shards_per_client: 2,
+            seed: 0,
+        }
+    }
+}
+
+impl ClientsConfig {
+    /// What the partition depends on.
+    pub fn partition_spec(&self) -> PartitionSpec {
+        PartitionSpec {
+            clients: self.count,
+            rule: self.partition,
+            alpha: self.alpha,
+            min_images: self.min_images,
+            shards_per_client: self.shards_per_client,
+            seed: self.seed,
         }
     }
 }
@@ -426,6 +479,27 @@ mod tests {
     fn impossible_cut_is_rejected() {
         let err = with(&["model.cut=12"]).unwrap_err().to_string();
         assert!(err.contains("0..=9"), "{err}");
+    }
+
+    #[test]
+    fn clients_keys_have_defaults_and_unknown_names_are_named() {
+        // Values that depend on the data (count, alpha, min_images, shards) are checked where
+        // the partition is drawn: see `data::partition`.
+        let c = with(&[]).unwrap();
+        assert_eq!(c.clients, ClientsConfig::default());
+        assert_eq!((c.clients.count, c.clients.alpha), (1, 0.5));
+        let c = with(&["clients.count=5", "clients.partition=dirichlet"]).unwrap();
+        assert_eq!(
+            (c.clients.count, c.clients.partition),
+            (5, PartitionRule::Dirichlet)
+        );
+        for (set, key) in [
+            ("clients.partition=zipf", "clients.partition"),
+            ("clients.schedule=ring", "clients.schedule"),
+        ] {
+            let err = with(&[set]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
     }
 
     #[test]

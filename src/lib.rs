@@ -1,22 +1,26 @@
 //! splitaux: decoupled split learning via an auxiliary loss, compared with classic (coupled)
 //! split learning on CIFAR, with every reported number measured.
 //!
-//! Layout: [`data`] reads CIFAR; [`model`] builds the ResNet, its split and the auxiliary heads;
-//! [`kernels`] are the CPU convolution and BatchNorm kernels the model runs on burn's flex
-//! backend; [`link`] is what crosses the cut; [`train`] holds the shared loop and the coupled and
-//! decoupled strategies; [`memory`] measures peaks; [`report`] turns runs into JSON and tables;
-//! [`experiment`] runs sweeps and makes paper-style tables and plots from them.
+//! Layout, top calls down: [`experiment`] runs sweeps and makes paper-style tables and plots;
+//! [`run`] sets up one run from its [`config`] and trains it; [`federation`] decides which
+//! client trains when; [`party`] holds the clients and the server, which own their state and
+//! exchange [`protocol`] messages over a [`transport`]; [`model`] builds the ResNet, its split
+//! and the auxiliary heads, on the CPU [`kernels`]; [`data`] reads CIFAR and partitions it among
+//! the clients; [`memory`] measures peaks; [`report`] turns runs into JSON and tables.
 
 pub mod backend;
 pub mod config;
 pub mod data;
 pub mod experiment;
+pub mod federation;
 pub mod kernels;
-pub mod link;
 pub mod memory;
 pub mod model;
+pub mod party;
+pub mod protocol;
 pub mod report;
-pub mod train;
+pub mod run;
+pub mod transport;
 
 /// Every allocation of a process linking splitaux is counted, so CPU peak memory is measured.
 #[global_allocator]

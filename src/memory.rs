@@ -116,7 +116,7 @@ pub enum Phase {
 
 /// Peak memory over training steps, overall and per phase, above the bytes live when each step
 /// began (model, optimizer state and dataset are therefore not counted).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeakMemory {
     /// Highest extra bytes over any whole step.
     pub step: u64,

@@ -5,20 +5,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{TINY, cifar10, json_stdout, splitaux};
+use common::{TINY, cifar10, json_stdout, splitaux, train_json};
 use predicates::prelude::*;
 use serde_json::Value;
 
 fn train(extra: &[&str], out: &Path) -> Value {
-    json_stdout(
-        splitaux()
-            .args(["train", "--offline", "--json", "--data-dir"])
-            .arg(cifar10())
-            .arg("--out")
-            .arg(out)
-            .args(TINY)
-            .args(extra),
-    )
+    train_json(extra, out)
 }
 
 /// Bytes of one encoded f32 activation/gradient message: 6-byte header, 4 dims × 4, payload.
@@ -149,7 +141,8 @@ fn compare_prints_side_by_side_with_half_the_bytes() {
         .stdout(
             predicate::str::contains("decoupled/coupled")
                 .and(predicate::str::is_match(r"activation\+gradient bytes .* 0\.50").unwrap())
-                .and(predicate::str::contains("peak step memory")),
+                .and(predicate::str::contains("peak memory"))
+                .and(predicate::str::contains("client-phase peak")),
         );
     for name in ["coupled.json", "decoupled.json"] {
         assert!(out.path().join(name).is_file(), "{name}");

@@ -162,11 +162,12 @@ impl Batcher {
     }
 }
 
-/// The order of one epoch: a seeded permutation of `0..len` cut into batches.
-pub fn epoch_order(len: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+/// The order of one epoch: a permutation of `0..len` drawn from `stream` of `epoch` under
+/// `seed` (a single client's order is stream 0).
+pub fn epoch_order(len: usize, seed: u64, epoch: usize, stream: u64, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     if shuffle {
-        order.shuffle(&mut epoch_rng(seed, epoch, 0));
+        order.shuffle(&mut epoch_rng(seed, epoch, stream));
     }
     order
 }
@@ -243,12 +244,13 @@ mod tests {
 
     #[test]
     fn order_is_seeded_permutation() {
-        let a = epoch_order(100, 7, 3, true);
-        assert_eq!(a, epoch_order(100, 7, 3, true));
-        assert_ne!(a, epoch_order(100, 7, 4, true));
+        let a = epoch_order(100, 7, 3, 0, true);
+        assert_eq!(a, epoch_order(100, 7, 3, 0, true));
+        assert_ne!(a, epoch_order(100, 7, 4, 0, true));
+        assert_ne!(a, epoch_order(100, 7, 3, 2, true));
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
-        assert_eq!(epoch_order(5, 7, 3, false), vec![0, 1, 2, 3, 4]);
+        assert_eq!(epoch_order(5, 7, 3, 0, false), vec![0, 1, 2, 3, 4]);
     }
 }

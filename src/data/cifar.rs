@@ -8,7 +8,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 /// Height and width of an image.
@@ -52,7 +51,7 @@ pub const CIFAR100_FINE_CLASSES: usize = 100;
 pub const CIFAR100_COARSE_CLASSES: usize = 20;
 
 /// Which dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetKind {
     #[default]

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod cifar;
 pub mod fetch;
 pub mod locate;
+pub mod partition;
 pub mod subset;
 
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::Report;
+use crate::report::{Report, RunStatus};
 
 /// One line of `runs.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,7 +18,7 @@ pub struct RunRecord {
     pub axes: Vec<(String, String)>,
     pub seed: u64,
     /// `completed`, `diverged` (NaN/inf loss) or `failed` (the run could not start or crashed).
-    pub status: String,
+    pub status: RunStatus,
     pub error: Option<String>,
     /// The full report (absent when the run failed before training).
     pub report: Option<Report>,
@@ -123,7 +123,7 @@ mod tests {
             id: id.into(),
             axes: vec![("train.mode".into(), "coupled".into())],
             seed: 0,
-            status: "failed".into(),
+            status: RunStatus::Failed,
             error: Some("boom".into()),
             report: None,
         }

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 
 use super::log::RunRecord;
 use super::table::{Stats, key_value};
-use crate::report::Report;
+use crate::report::{Report, RunStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -36,7 +36,7 @@ fn series(records: &[RunRecord]) -> Vec<(String, Vec<&Report>)> {
         .filter_map(|r| key_value(r, "model.cut"))
         .collect();
     let mut groups: Vec<(String, Vec<&Report>)> = Vec::new();
-    for record in records.iter().filter(|r| r.status == "completed") {
+    for record in records.iter().filter(|r| r.status == RunStatus::Completed) {
         let Some(report) = &record.report else {
             continue;
         };
@@ -119,7 +119,7 @@ pub fn plot_all(records: &[RunRecord], out: &Path) -> Result<Vec<PathBuf>, PlotE
     lines(
         &path,
         "Test accuracy against data exchanged",
-        "cumulative bytes across the cut (MiB)",
+        "cumulative bytes exchanged: cut tensors + client weights (MiB)",
         "test accuracy (%)",
         &by_bytes,
     )?;
@@ -128,7 +128,7 @@ pub fn plot_all(records: &[RunRecord], out: &Path) -> Result<Vec<PathBuf>, PlotE
     let bars_of = |f: &dyn Fn(&Report) -> Option<f64>| -> Vec<(String, String, Stats)> {
         let mut cells: BTreeMap<(usize, String), (String, Vec<f64>)> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
-        for record in records.iter().filter(|r| r.status == "completed") {
+        for record in records.iter().filter(|r| r.status == RunStatus::Completed) {
             let Some(report) = &record.report else {
                 continue;
             };

@@ -12,7 +12,8 @@ use serde::Serialize;
 use super::grid::{Combination, Sweep, expand};
 use super::log::{LogError, RunRecord, append, read_records};
 use crate::data::{self, Cifar, DatasetKind, LabelSet, locate};
-use crate::train::{PreparedData, RunOptions, run};
+use crate::report::RunStatus;
+use crate::run::{PreparedData, RunOptions, run};
 
 /// How a sweep runs.
 #[derive(Debug, Clone, Default)]
@@ -56,7 +57,7 @@ pub fn run_sweep(
     let combinations = expand(&sweep.axes, sweep.seeds, first_seed);
     let done: HashSet<String> = read_records(&log)?
         .into_iter()
-        .filter(|r| !options.retry_failed || r.status == "completed")
+        .filter(|r| !options.retry_failed || r.status == RunStatus::Completed)
         .map(|r| r.id)
         .collect();
     let todo: Vec<&Combination> = combinations
@@ -96,10 +97,10 @@ pub fn run_sweep(
     for combination in todo {
         overall.set_message(combination.id());
         let record = run_one(sweep, combination, options, &multi, &mut datasets);
-        match record.status.as_str() {
-            "completed" => summary.completed += 1,
-            "diverged" => summary.diverged += 1,
-            _ => summary.failed += 1,
+        match record.status {
+            RunStatus::Completed => summary.completed += 1,
+            RunStatus::Diverged => summary.diverged += 1,
+            RunStatus::Failed => summary.failed += 1,
         }
         if let Some(report) = &record.report {
             let path = reports.join(format!("{}.json", combination.slug()));
@@ -113,7 +114,7 @@ pub fn run_sweep(
         if options.progress {
             overall.suspend(|| match &record.error {
                 None => eprintln!("done {}", record.id),
-                Some(error) => eprintln!("{} {}: {error}", record.status, record.id),
+                Some(error) => eprintln!("{} {}: {error}", record.status.name(), record.id),
             });
         }
         overall.inc(1);
@@ -137,7 +138,7 @@ fn run_one(
         id: combination.id(),
         axes: combination.assignments.clone(),
         seed: combination.seed,
-        status: "failed".into(),
+        status: RunStatus::Failed,
         error: Some(error),
         report: None,
     };
@@ -174,7 +175,7 @@ fn run_one(
             id: combination.id(),
             axes: combination.assignments.clone(),
             seed: combination.seed,
-            status: report.status.clone(),
+            status: report.status,
             error: report.error.clone(),
             report: Some(report),
         },

@@ -6,85 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::log::RunRecord;
-use crate::report::{Report, human_bytes};
-
-/// A quantity read from each run's report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// Final test accuracy of the split model.
-    TestAccuracy,
-    /// Final test accuracy of the auxiliary head (decoupled).
-    AuxAccuracy,
-    /// Mean bytes across the cut per epoch (all kinds).
-    BytesPerEpoch,
-    /// Activation + gradient bytes of the whole run (the paper's communication).
-    CutBytes,
-    /// All bytes of the whole run.
-    BytesTotal,
-    /// Peak extra memory of a training step.
-    PeakMemory,
-    /// Peak extra memory while the client computes.
-    ClientPeak,
-    /// Peak extra memory while the server computes.
-    ServerPeak,
-    /// Mean training seconds per epoch.
-    SecondsPerEpoch,
-}
-
-impl Metric {
-    pub fn label(self) -> &'static str {
-        match self {
-            Metric::TestAccuracy => "test accuracy",
-            Metric::AuxAccuracy => "aux-head accuracy",
-            Metric::BytesPerEpoch => "bytes per epoch",
-            Metric::CutBytes => "activation+gradient bytes",
-            Metric::BytesTotal => "bytes total",
-            Metric::PeakMemory => "peak memory",
-            Metric::ClientPeak => "client-phase peak",
-            Metric::ServerPeak => "server-phase peak",
-            Metric::SecondsPerEpoch => "seconds per epoch",
-        }
-    }
-
-    fn is_accuracy(self) -> bool {
-        matches!(self, Metric::TestAccuracy | Metric::AuxAccuracy)
-    }
-
-    fn is_bytes(self) -> bool {
-        !self.is_accuracy() && self != Metric::SecondsPerEpoch
-    }
-
-    /// The value of this metric in `report`, if it has one.
-    pub fn of(self, r: &Report) -> Option<f64> {
-        let peak = |f: fn(&crate::report::PeakMemoryReport) -> u64| {
-            r.peak_memory.as_ref().map(|p| f(p) as f64)
-        };
-        match self {
-            Metric::TestAccuracy => r.test_accuracy,
-            Metric::AuxAccuracy => r.aux_accuracy,
-            Metric::BytesPerEpoch => Some(r.bytes_per_epoch.total as f64),
-            Metric::CutBytes => Some(r.bytes.cut_tensors() as f64),
-            Metric::BytesTotal => Some(r.bytes.total as f64),
-            Metric::PeakMemory => r.peak_memory_bytes.map(|b| b as f64),
-            Metric::ClientPeak => peak(|p| p.client_phase),
-            Metric::ServerPeak => peak(|p| p.server_phase),
-            Metric::SecondsPerEpoch => (!r.epochs.is_empty()).then(|| {
-                r.epochs.iter().map(|e| e.train_seconds).sum::<f64>() / r.epochs.len() as f64
-            }),
-        }
-    }
-
-    fn format(self, value: f64) -> String {
-        if self.is_accuracy() {
-            format!("{:.2} %", 100.0 * value)
-        } else if self.is_bytes() {
-            human_bytes(value.round() as u64)
-        } else {
-            format!("{value:.1} s")
-        }
-    }
-}
+use crate::report::{Metric, RunStatus};
 
 /// Mean, sample standard deviation and count.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -174,7 +96,7 @@ pub fn aggregate(
         let Some(report) = record
             .report
             .as_ref()
-            .filter(|_| record.status == "completed")
+            .filter(|_| record.status == RunStatus::Completed)
         else {
             excluded += 1;
             continue;

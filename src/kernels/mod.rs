@@ -42,7 +42,7 @@ fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
 }
 
 /// Which implementation runs the model's convolutions and BatchNorms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
     /// splitaux's CPU kernels on the flex device (burn's modules elsewhere).

@@ -197,6 +197,20 @@ pub fn json_stdout(command: &mut Command) -> serde_json::Value {
     serde_json::from_slice(&assert.get_output().stdout).expect("stdout is JSON")
 }
 
+/// `splitaux train --json` on the generated CIFAR-10 at the TINY scale plus `extra`, reports into
+/// `out`; the parsed report.
+pub fn train_json(extra: &[&str], out: &Path) -> serde_json::Value {
+    json_stdout(
+        splitaux()
+            .args(["train", "--offline", "--json", "--data-dir"])
+            .arg(cifar10())
+            .arg("--out")
+            .arg(out)
+            .args(TINY)
+            .args(extra),
+    )
+}
+
 /// `splitaux data check --json` on `dir`, parsed.
 pub fn check_json(dir: &Path) -> serde_json::Value {
     json_stdout(

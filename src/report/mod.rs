@@ -1,44 +1,48 @@
-//! The JSON report of a run (a stable interface: see the README) and the human-readable tables.
+//! The JSON report of a run (a stable interface: see the README), the metrics read from it, and
+//! the human-readable tables.
+
+mod metric;
+
+pub use metric::Metric;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ExperimentConfig, Mode};
-use crate::link::Traffic;
 use crate::memory::{MemorySource, PeakMemory};
+pub use crate::protocol::Bytes;
 
-/// Bytes that crossed the cut, by kind and direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bytes {
-    pub activations: u64,
-    pub labels: u64,
-    pub gradients: u64,
-    /// Client → server (activations + labels).
-    pub up: u64,
-    /// Server → client (gradients).
-    pub down: u64,
-    pub total: u64,
-    pub messages: u64,
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Every epoch finished.
+    Completed,
+    /// A NaN/infinite loss stopped the run (`error` says where).
+    Diverged,
+    /// The run could not start or stopped on an error (sweeps record these with no report).
+    Failed,
 }
 
-impl From<Traffic> for Bytes {
-    fn from(t: Traffic) -> Self {
-        Self {
-            activations: t.activations,
-            labels: t.labels,
-            gradients: t.gradients,
-            up: t.up(),
-            down: t.down(),
-            total: t.total(),
-            messages: t.messages,
+impl RunStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStatus::Completed => "completed",
+            RunStatus::Diverged => "diverged",
+            RunStatus::Failed => "failed",
         }
     }
 }
 
-impl Bytes {
-    /// Activations + gradients: the traffic the paper compares.
-    pub fn cut_tensors(&self) -> u64 {
-        self.activations + self.gradients
-    }
+/// One client of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientReport {
+    pub id: usize,
+    /// Training images in the client's shard.
+    pub images: usize,
+    /// The shard's images per class.
+    pub class_histogram: Vec<usize>,
+    /// What this client sent (`up`) and received (`down`), by kind.
+    pub bytes: Bytes,
 }
 
 /// Metrics of one epoch.
@@ -70,25 +74,13 @@ pub struct EpochMetrics {
 /// Measured peak memory of a training step, above the bytes live when the step began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeakMemoryReport {
-    pub step: u64,
-    pub client_phase: u64,
-    pub server_phase: u64,
+    /// `step`, `client_phase`, `server_phase`.
+    #[serde(flatten)]
+    pub peaks: PeakMemory,
     /// Bytes live before training started (model, dataset, buffers).
     pub baseline: u64,
     /// `host_allocator` (exact) or `device_pool` (sampled at phase changes).
     pub source: MemorySource,
-}
-
-impl PeakMemoryReport {
-    pub fn new(peaks: PeakMemory, baseline: u64, source: MemorySource) -> Self {
-        Self {
-            step: peaks.step,
-            client_phase: peaks.client_phase,
-            server_phase: peaks.server_phase,
-            baseline,
-            source,
-        }
-    }
 }
 
 /// The cut of the run.
@@ -115,7 +107,7 @@ pub struct Report {
     pub splitaux_version: String,
     pub mode: Mode,
     /// `completed`, or `diverged` (then `error` says where).
-    pub status: String,
+    pub status: RunStatus,
     pub error: Option<String>,
     pub dataset: String,
     pub train_images: usize,
@@ -131,6 +123,9 @@ pub struct Report {
     pub bytes: Bytes,
     /// Mean traffic per finished epoch.
     pub bytes_per_epoch: Bytes,
+    /// Per client: its shard and its traffic.
+    #[serde(default)]
+    pub clients: Vec<ClientReport>,
     /// Highest extra bytes over a training step; null when the backend reports no memory.
     pub peak_memory_bytes: Option<u64>,
     pub peak_memory: Option<PeakMemoryReport>,
@@ -155,157 +150,93 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-fn percent(x: Option<f64>) -> String {
-    x.map_or("—".into(), |v| format!("{:.2} %", 100.0 * v))
-}
-
-fn memory(x: Option<u64>) -> String {
-    x.map_or("n/a".into(), human_bytes)
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-        _ => "n/a".into(),
+/// A metric's value in `r`, formatted (`—` where the run has none).
+fn shown(metric: Metric, r: &Report) -> String {
+    match metric.of(r) {
+        Some(v) => metric.format(v),
+        None if metric.is_accuracy() => "—".into(),
+        None => "n/a".into(),
     }
-}
-
-fn seconds_per_epoch(r: &Report) -> Option<f64> {
-    (!r.epochs.is_empty())
-        .then(|| r.epochs.iter().map(|e| e.train_seconds).sum::<f64>() / r.epochs.len() as f64)
 }
 
 /// One run as a short table.
 pub fn summary(r: &Report) -> String {
     let mut rows = vec![
-        ("mode", r.mode.name().to_string()),
-        ("status", r.status.clone()),
-        (
-            "cut",
+        vec!["mode".to_string(), r.mode.name().to_string()],
+        vec!["status".to_string(), r.status.name().to_string()],
+        vec![
+            "cut".to_string(),
             format!(
                 "{} of {} blocks, activations {:?}",
                 r.cut.blocks, r.cut.total_blocks, r.cut.activation_shape
             ),
-        ),
-        ("test accuracy", percent(r.test_accuracy)),
-        ("aux-head accuracy", percent(r.aux_accuracy)),
-        ("bytes up (total)", human_bytes(r.bytes.up)),
-        ("bytes down (total)", human_bytes(r.bytes.down)),
-        ("bytes per epoch", human_bytes(r.bytes_per_epoch.total)),
-        ("peak step memory", memory(r.peak_memory_bytes)),
-        (
-            "peak client / server phase",
-            match &r.peak_memory {
-                Some(p) => format!(
-                    "{} / {}",
-                    human_bytes(p.client_phase),
-                    human_bytes(p.server_phase)
-                ),
-                None => "n/a".into(),
-            },
-        ),
-        (
-            "seconds per epoch",
-            seconds_per_epoch(r).map_or("—".into(), |s| format!("{s:.1}")),
-        ),
-        ("wall time", format!("{:.1} s", r.wall_seconds)),
+        ],
     ];
-    if let Some(error) = &r.error {
-        rows.push(("error", error.clone()));
+    if r.clients.len() > 1 {
+        let c = &r.config.clients;
+        rows.push(vec![
+            "clients".to_string(),
+            format!(
+                "{} ({}, {} partition)",
+                r.clients.len(),
+                c.schedule.name(),
+                c.partition.name()
+            ),
+        ]);
     }
-    render(
-        &["", ""],
-        &rows
-            .into_iter()
-            .map(|(k, v)| vec![k.to_string(), v])
-            .collect::<Vec<_>>(),
-    )
+    for metric in [
+        Metric::TestAccuracy,
+        Metric::AuxAccuracy,
+        Metric::CutBytes,
+        Metric::WeightBytes,
+        Metric::BytesUp,
+        Metric::BytesDown,
+        Metric::BytesPerEpoch,
+        Metric::PeakMemory,
+        Metric::ClientPeak,
+        Metric::ServerPeak,
+        Metric::SecondsPerEpoch,
+    ] {
+        rows.push(vec![metric.label().to_string(), shown(metric, r)]);
+    }
+    rows.push(vec!["wall time".into(), format!("{:.1} s", r.wall_seconds)]);
+    if let Some(error) = &r.error {
+        rows.push(vec!["error".into(), error.clone()]);
+    }
+    render(&["", ""], &rows)
 }
 
-/// Coupled and decoupled side by side, with the decoupled/coupled ratios.
+/// Coupled and decoupled side by side, with the decoupled/coupled ratios of every quantity
+/// that is not an accuracy.
 pub fn comparison(coupled: &Report, decoupled: &Report) -> String {
-    let both = |f: &dyn Fn(&Report) -> String| vec![f(coupled), f(decoupled)];
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut row = |name: &str, values: Vec<String>, ratio: String| {
-        let mut r = vec![name.to_string()];
-        r.extend(values);
-        r.push(ratio);
-        rows.push(r);
-    };
-    row(
-        "test accuracy",
-        both(&|r| percent(r.test_accuracy)),
-        String::new(),
-    );
-    row(
-        "aux-head accuracy",
-        both(&|r| percent(r.aux_accuracy)),
-        String::new(),
-    );
-    let cut = |r: &Report| Some(r.bytes.cut_tensors() as f64);
-    row(
-        "activation+gradient bytes",
-        both(&|r| human_bytes(r.bytes.cut_tensors())),
-        ratio(cut(decoupled), cut(coupled)),
-    );
-    let per_epoch = |r: &Report| Some(r.bytes_per_epoch.total as f64);
-    row(
-        "bytes per epoch (all)",
-        both(&|r| human_bytes(r.bytes_per_epoch.total)),
-        ratio(per_epoch(decoupled), per_epoch(coupled)),
-    );
-    row(
-        "bytes up (total)",
-        both(&|r| human_bytes(r.bytes.up)),
-        String::new(),
-    );
-    row(
-        "bytes down (total)",
-        both(&|r| human_bytes(r.bytes.down)),
-        String::new(),
-    );
-    let total = |r: &Report| Some(r.bytes.total as f64);
-    row(
-        "bytes total",
-        both(&|r| human_bytes(r.bytes.total)),
-        ratio(total(decoupled), total(coupled)),
-    );
-    let peak = |r: &Report| r.peak_memory_bytes.map(|b| b as f64);
-    row(
-        "peak step memory",
-        both(&|r| memory(r.peak_memory_bytes)),
-        ratio(peak(decoupled), peak(coupled)),
-    );
-    let phase = |r: &Report, server: bool| {
-        r.peak_memory.map(|p| {
-            if server {
-                p.server_phase
-            } else {
-                p.client_phase
-            }
-        })
-    };
-    row(
-        "peak client phase",
-        both(&|r| memory(phase(r, false))),
-        ratio(
-            phase(decoupled, false).map(|b| b as f64),
-            phase(coupled, false).map(|b| b as f64),
-        ),
-    );
-    row(
-        "peak server phase",
-        both(&|r| memory(phase(r, true))),
-        ratio(
-            phase(decoupled, true).map(|b| b as f64),
-            phase(coupled, true).map(|b| b as f64),
-        ),
-    );
-    row(
-        "seconds per epoch",
-        both(&|r| seconds_per_epoch(r).map_or("—".into(), |s| format!("{s:.1}"))),
-        ratio(seconds_per_epoch(decoupled), seconds_per_epoch(coupled)),
-    );
+    let rows: Vec<Vec<String>> = [
+        Metric::TestAccuracy,
+        Metric::AuxAccuracy,
+        Metric::CutBytes,
+        Metric::WeightBytes,
+        Metric::BytesPerEpoch,
+        Metric::BytesUp,
+        Metric::BytesDown,
+        Metric::BytesTotal,
+        Metric::PeakMemory,
+        Metric::ClientPeak,
+        Metric::ServerPeak,
+        Metric::SecondsPerEpoch,
+    ]
+    .into_iter()
+    .map(|metric| {
+        let ratio = match (metric.of(decoupled), metric.of(coupled)) {
+            (Some(d), Some(c)) if !metric.is_accuracy() && c > 0.0 => format!("{:.2}", d / c),
+            _ => String::new(),
+        };
+        vec![
+            metric.label().to_string(),
+            shown(metric, coupled),
+            shown(metric, decoupled),
+            ratio,
+        ]
+    })
+    .collect();
     render(&["", "coupled", "decoupled", "decoupled/coupled"], &rows)
 }
 

@@ -1,22 +1,22 @@
-//! `splitaux bench`: times training steps of the real split step on random inputs.
+//! `splitaux bench`: times training steps of the real split step on random inputs, built
+//! through the same [`RunSetup`] as a training run.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use rand::RngExt;
 use serde::Serialize;
 
-use super::optim::build_optimizer;
-use super::party::{Client, Server, Trainable};
-use super::runner::RunError;
-use super::strategy::{StepContext, strategy_for};
-use crate::backend::{BackendKind, configure_cpu};
-use crate::config::{Mode, OptimConfig};
+use super::RunError;
+use super::setup::RunSetup;
+use crate::backend::BackendKind;
+use crate::config::{ExperimentConfig, Mode};
 use crate::data::batch::epoch_rng;
+use crate::data::{Normalization, Split};
 use crate::kernels::Kernels;
-use crate::link::Link;
 use crate::memory::MemoryMeter;
-use crate::model::{AuxKind, CutSpec, SplitResNetConfig};
+use crate::model::{AuxKind, CutSpec};
 
 /// What to time.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +33,22 @@ pub struct BenchConfig {
     pub classes: usize,
     pub backend: BackendKind,
     pub kernels: Kernels,
+}
+
+impl BenchConfig {
+    /// The run configuration this benchmark trains with (one client, default optimizer).
+    pub fn experiment(&self) -> ExperimentConfig {
+        let mut config = ExperimentConfig::default();
+        config.model.depth = self.depth;
+        config.model.cut = self.cut;
+        config.model.aux = self.aux;
+        config.model.kernels = self.kernels;
+        config.train.mode = self.mode;
+        config.train.batch_size = self.batch;
+        config.train.threads = self.threads;
+        config.train.backend = self.backend;
+        config
+    }
 }
 
 /// Measured speed and memory.
@@ -53,71 +69,63 @@ pub struct BenchResult {
 
 /// Runs `warmup` untimed steps, then `steps` timed ones.
 pub fn bench(config: &BenchConfig) -> Result<BenchResult, RunError> {
-    configure_cpu(config.threads);
-    let device = config.backend.device()?;
-    let train_device = device.clone().autodiff();
-    train_device.seed(0);
-    let (client_model, server_net, cut) = SplitResNetConfig {
-        depth: config.depth,
-        classes: config.classes,
-        cut: config.cut,
-        aux: config.aux,
-        kernels: config.kernels,
-    }
-    .init(&train_device)?;
-    let optim = OptimConfig::default();
-    let mut client = Client(Trainable::new(client_model, build_optimizer(&optim)));
-    let mut server = Server(Trainable::new(server_net, build_optimizer(&optim)));
-    let strategy = strategy_for(config.mode);
-    let mut link = Link::new();
+    let experiment = config.experiment();
+    let identity = Normalization {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    let no_images = Arc::new(Split::default());
+    let mut setup = RunSetup::new(
+        &experiment,
+        config.classes,
+        no_images,
+        vec![Vec::new()],
+        identity,
+    )?;
+    let device = &setup.train_device;
     let mut rng = epoch_rng(0, 0, 2);
     let images = Tensor::<4>::random(
         [config.batch, 3, 32, 32],
         Distribution::Normal(0.0, 1.0),
-        &train_device,
+        device,
     );
     let labels: Vec<i64> = (0..config.batch)
         .map(|_| rng.random_range(0..config.classes as i64))
         .collect();
-    let labels =
-        Tensor::<1, Int>::from_data(TensorData::new(labels, [config.batch]), &train_device);
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [config.batch]), device);
 
-    let mut warm_meter = MemoryMeter::new(&device, config.backend.host_resident());
-    let mut meter = MemoryMeter::new(&device, config.backend.host_resident());
+    let mut warm_meter = MemoryMeter::new(&setup.device, config.backend.host_resident());
     let mut elapsed = 0f64;
-    let mut traffic_after_warmup = link.traffic();
+    let mut bytes_after_warmup = setup.parties.bytes();
     for step in 0..config.warmup + config.steps {
         let timed = step >= config.warmup;
         if step == config.warmup {
-            traffic_after_warmup = link.traffic();
+            bytes_after_warmup = setup.parties.bytes();
         }
-        let meter = if timed { &mut meter } else { &mut warm_meter };
-        let start = Instant::now();
-        meter.begin_step();
-        let mut ctx = StepContext {
-            client: &mut client,
-            server: &mut server,
-            link: &mut link,
-            memory: meter,
-            device: &train_device,
+        let meter = if timed {
+            &mut setup.meter
+        } else {
+            &mut warm_meter
         };
-        strategy.step(&mut ctx, images.clone(), labels.clone(), 0.01)?;
-        meter.end_step();
+        let start = Instant::now();
+        setup
+            .parties
+            .step(0, images.clone(), labels.clone(), 0.01, meter)?;
         if timed {
             elapsed += start.elapsed().as_secs_f64();
         }
     }
     let steps = config.steps.max(1) as f64;
-    let peaks = meter.peaks();
+    let peaks = setup.meter.peaks();
     Ok(BenchResult {
         config: config.clone(),
-        cut_blocks: cut.blocks,
+        cut_blocks: setup.cut.blocks,
         threads: rayon::current_num_threads(),
         images_per_s: config.batch as f64 * steps / elapsed,
         seconds_per_step: elapsed / steps,
         peak_memory_bytes: peaks.map(|p| p.step),
         peak_client_phase_bytes: peaks.map(|p| p.client_phase),
         peak_server_phase_bytes: peaks.map(|p| p.server_phase),
-        bytes_per_step: link.traffic().since(&traffic_after_warmup).total() / steps as u64,
+        bytes_per_step: setup.parties.bytes().since(&bytes_after_warmup).total / steps as u64,
     })
 }

@@ -1,0 +1,344 @@
+//! The training loop: epochs, the clients' passes over their shards in the order the schedule
+//! sets, learning rates, the divergence check, per-epoch evaluation and the report.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use super::eval::evaluate;
+use super::setup::RunSetup;
+use super::{PreparedData, RunError};
+use crate::config::{ExperimentConfig, Mode};
+use crate::data::Batcher;
+use crate::data::partition::class_histograms;
+use crate::federation::{EpochDriver, Flow};
+use crate::memory;
+use crate::party::optim::LrSchedule;
+use crate::party::{PartyError, StepLosses};
+use crate::protocol::Bytes;
+use crate::report::{ClientReport, CutReport, EpochMetrics, PeakMemoryReport, Report, RunStatus};
+
+/// How a run shows itself.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Show per-epoch progress bars (only on a terminal) and a line per epoch on stderr.
+    pub progress: bool,
+    /// Draw the epoch bar below these bars (a sweep's overall bar).
+    pub multi: Option<MultiProgress>,
+}
+
+/// Trains one split model from scratch in `mode` and reports on it. A diverging loss ends the
+/// run early with `status = "diverged"` and the epochs finished so far.
+pub fn run(
+    config: &ExperimentConfig,
+    mode: Mode,
+    data: &PreparedData,
+    options: RunOptions,
+) -> Result<Report, RunError> {
+    let started = Instant::now();
+    let mut config = config.clone();
+    config.train.mode = mode;
+    let parts = data.partition(&config)?;
+    let histograms = class_histograms(&data.train.labels, data.classes, &parts);
+    let setup = RunSetup::new(
+        &config,
+        data.classes,
+        Arc::clone(&data.train),
+        parts.clone(),
+        data.normalization,
+    )?;
+    let baseline = memory::current() as u64;
+
+    let batch = config.train.batch_size;
+    let steps_per_epoch: usize = parts.iter().map(|p| p.len().div_ceil(batch)).sum();
+    let report = Report {
+        splitaux_version: crate::VERSION.to_string(),
+        mode,
+        status: RunStatus::Completed,
+        error: None,
+        dataset: data.dataset.clone(),
+        train_images: data.train.len(),
+        test_images: data.test.len(),
+        cut: CutReport {
+            blocks: setup.cut.blocks,
+            total_blocks: setup.cut.total_blocks,
+            activation_shape: setup.cut.activation_shape,
+        },
+        parameters: setup.parameters,
+        test_accuracy: None,
+        aux_accuracy: None,
+        epochs: Vec::new(),
+        bytes: Bytes::default(),
+        bytes_per_epoch: Bytes::default(),
+        clients: parts
+            .iter()
+            .zip(histograms)
+            .enumerate()
+            .map(|(id, (p, class_histogram))| ClientReport {
+                id,
+                images: p.len(),
+                class_histogram,
+                bytes: Bytes::default(),
+            })
+            .collect(),
+        peak_memory_bytes: None,
+        peak_memory: None,
+        wall_seconds: 0.0,
+        config: config.clone(),
+    };
+    let mut trainer = Trainer {
+        schedule: LrSchedule::new(&config.optim, steps_per_epoch * config.train.epochs),
+        steps_per_epoch,
+        setup,
+        data,
+        options,
+        report,
+        global_step: 0,
+        epoch: EpochSums::default(),
+    };
+
+    for epoch in 1..=config.train.epochs {
+        trainer.begin_epoch(epoch);
+        if config.clients.schedule.epoch(&mut trainer, epoch)? == Flow::Stop {
+            break;
+        }
+        trainer.end_epoch(epoch)?;
+    }
+    Ok(trainer.finish(baseline, started))
+}
+
+/// Sums over the passes of one epoch.
+#[derive(Default)]
+struct EpochSums {
+    server_loss: f64,
+    client_loss: f64,
+    steps: usize,
+    images: usize,
+    lr: f64,
+    data_seconds: f64,
+    started: Option<Instant>,
+    bytes_before: Bytes,
+    bar: Option<ProgressBar>,
+}
+
+/// A run in progress: the parties, where the schedule is, and the report so far. Schedules drive
+/// it as an [`EpochDriver`].
+pub struct Trainer<'a> {
+    pub setup: RunSetup,
+    data: &'a PreparedData,
+    options: RunOptions,
+    schedule: LrSchedule,
+    steps_per_epoch: usize,
+    /// Steps taken so far (the learning-rate schedule's position).
+    global_step: usize,
+    epoch: EpochSums,
+    report: Report,
+}
+
+impl Trainer<'_> {
+    fn begin_epoch(&mut self, epoch: usize) {
+        let mode = self.setup.config.train.mode;
+        self.epoch = EpochSums {
+            started: Some(Instant::now()),
+            bytes_before: self.setup.parties.bytes(),
+            lr: self.schedule.at(self.global_step),
+            bar: Some(progress_bar(
+                &self.options,
+                self.steps_per_epoch,
+                epoch,
+                self.setup.config.train.epochs,
+                mode,
+            )),
+            ..EpochSums::default()
+        };
+    }
+
+    /// Client `client`'s pass over its shard in `epoch`: one step per batch (a last batch of
+    /// one image is skipped: BatchNorm needs two).
+    fn train_pass(&mut self, client: usize, epoch: usize) -> Result<Flow, RunError> {
+        let seed = self.setup.config.train.seed;
+        let batch = self.setup.config.train.batch_size;
+        let (order, mut augment) = self.setup.parties.clients[client].epoch_order(seed, epoch);
+        let batches = order.len().div_ceil(batch);
+        for (index, chunk) in order.chunks(batch).enumerate() {
+            if chunk.len() < 2 {
+                continue;
+            }
+            let data_start = Instant::now();
+            let (images, labels) = self.setup.parties.clients[client].batch(chunk, &mut augment);
+            self.epoch.data_seconds += data_start.elapsed().as_secs_f64();
+
+            let lr = self.schedule.at(self.global_step);
+            self.epoch.lr = lr;
+            let losses =
+                self.setup
+                    .parties
+                    .step(client, images, labels, lr, &mut self.setup.meter)?;
+            self.global_step += 1;
+            if let Some(bad) = non_finite(losses) {
+                let place = if self.setup.parties.clients.len() == 1 {
+                    format!("step {} of {batches}", index + 1)
+                } else {
+                    format!("client {client}, step {} of {batches}", index + 1)
+                };
+                if let Some(bar) = &self.epoch.bar {
+                    bar.abandon();
+                }
+                self.report.status = RunStatus::Diverged;
+                self.report.error = Some(format!(
+                    "{bad} loss is not finite at epoch {epoch}, {place}"
+                ));
+                return Ok(Flow::Stop);
+            }
+            let sums = &mut self.epoch;
+            sums.server_loss += losses.server as f64;
+            sums.client_loss += losses.client.unwrap_or(0.0) as f64;
+            sums.steps += 1;
+            sums.images += chunk.len();
+            if let (Some(bar), Some(started)) = (&sums.bar, sums.started) {
+                bar.inc(1);
+                bar.set_message(format!(
+                    "loss {:.3}  {:.0} img/s",
+                    sums.server_loss / sums.steps as f64,
+                    sums.images as f64 / started.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn end_epoch(&mut self, epoch: usize) -> Result<(), RunError> {
+        let sums = std::mem::take(&mut self.epoch);
+        let train_seconds = sums.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        if let Some(bar) = &sums.bar {
+            bar.finish_and_clear();
+        }
+        let config = &self.setup.config;
+        let mode = config.train.mode;
+        let decoupled = mode == Mode::Decoupled;
+        let eval_start = Instant::now();
+        let parties = &self.setup.parties;
+        let client_model = parties
+            .holder()
+            .and_then(|c| c.model())
+            .ok_or(PartyError::State(
+                "no client holds the client-side model".into(),
+            ))?;
+        let (test_accuracy, aux_accuracy) = evaluate(
+            &burn::module::Module::valid(client_model),
+            &burn::module::Module::valid(parties.server.model()),
+            &self.data.test,
+            &Batcher::new(self.data.normalization, false),
+            config.train.eval_batch_size,
+            &self.setup.device,
+            decoupled,
+        );
+        let steps = sums.steps.max(1) as f64;
+        self.report.epochs.push(EpochMetrics {
+            epoch,
+            lr: sums.lr,
+            server_loss: sums.server_loss / steps,
+            client_loss: decoupled.then_some(sums.client_loss / steps),
+            test_accuracy,
+            aux_accuracy,
+            bytes: parties.bytes().since(&sums.bytes_before),
+            train_seconds,
+            data_seconds: sums.data_seconds,
+            eval_seconds: eval_start.elapsed().as_secs_f64(),
+            images_per_s: sums.images as f64 / train_seconds,
+        });
+        self.report.test_accuracy = Some(test_accuracy);
+        self.report.aux_accuracy = aux_accuracy;
+        if self.options.progress {
+            let line = format!(
+                "{} epoch {epoch}/{}: loss {:.3}, test accuracy {:.2} %{}",
+                mode.name(),
+                config.train.epochs,
+                sums.server_loss / steps,
+                100.0 * test_accuracy,
+                aux_accuracy.map_or(String::new(), |a| format!(", aux head {:.2} %", 100.0 * a)),
+            );
+            match &sums.bar {
+                Some(bar) => bar.suspend(|| eprintln!("{line}")),
+                None => eprintln!("{line}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, baseline: u64, started: Instant) -> Report {
+        let parties = &self.setup.parties;
+        self.report.bytes = parties.bytes();
+        self.report.bytes_per_epoch = self.report.bytes.per(self.report.epochs.len());
+        for (client, party) in self.report.clients.iter_mut().zip(&parties.clients) {
+            client.bytes = party.bytes();
+        }
+        if let Some(peaks) = self.setup.meter.peaks() {
+            self.report.peak_memory_bytes = Some(peaks.step);
+            self.report.peak_memory = Some(PeakMemoryReport {
+                peaks,
+                baseline,
+                source: self.setup.meter.source(),
+            });
+        }
+        self.report.wall_seconds = started.elapsed().as_secs_f64();
+        self.report
+    }
+}
+
+impl EpochDriver for Trainer<'_> {
+    type Error = RunError;
+
+    fn clients(&self) -> usize {
+        self.setup.parties.clients.len()
+    }
+
+    fn holds_model(&self, client: usize) -> bool {
+        self.setup.parties.clients[client].holds_model()
+    }
+
+    fn hand_off(&mut self, from: usize, to: usize) -> Result<(), RunError> {
+        Ok(self.setup.parties.hand_off(from, to)?)
+    }
+
+    fn pass(&mut self, client: usize, epoch: usize) -> Result<Flow, RunError> {
+        self.train_pass(client, epoch)
+    }
+}
+
+/// Which loss is NaN or infinite, if any.
+fn non_finite(losses: StepLosses) -> Option<&'static str> {
+    if !losses.server.is_finite() {
+        Some("server")
+    } else if losses.client.is_some_and(|l| !l.is_finite()) {
+        Some("client auxiliary")
+    } else {
+        None
+    }
+}
+
+fn progress_bar(
+    options: &RunOptions,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+    mode: Mode,
+) -> ProgressBar {
+    use std::io::IsTerminal;
+    if !options.progress || !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    let bar = match &options.multi {
+        Some(multi) => multi.add(bar),
+        None => bar,
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+            .expect("valid progress template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{} epoch {epoch}/{epochs}", mode.name()));
+    bar
+}
