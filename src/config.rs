@@ -269,11 +269,13 @@ pub enum ConfigError {
 
 impl ExperimentConfig {
     /// Reads `path` (if given) and applies `overrides` (`key=value`, TOML values; bare words are
-    /// strings).
+    /// strings). A `[sweep]` table in the file (a preset's grid) is ignored: one run.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let (table, origin) = match path {
             Some(path) => {
-                let table = read_toml(path)?;
+                let mut table = read_toml(path)?;
+                // A preset may carry a `[sweep]` table (its grid): only `sweep` reads it.
+                table.remove("sweep");
                 // Check the file alone first, so its own mistakes are blamed on it.
                 Self::from_table(table.clone(), &path.display().to_string())?;
                 (table, path.display().to_string())
@@ -306,11 +308,14 @@ impl ExperimentConfig {
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let message = e.into_inner().to_string();
-            // An unknown field is reported on its parent table; name the field itself.
+            // An unknown field is named by its parent table's path in some cases and by its own
+            // in others: name the field once.
             let key = match message.split('`').nth(1) {
                 Some(field) if message.starts_with("unknown field") => {
                     if key == "." {
                         field.to_string()
+                    } else if key == field || key.ends_with(&format!(".{field}")) {
+                        key
                     } else {
                         format!("{key}.{field}")
                     }
@@ -464,7 +469,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = with(&["model.width=3"]).unwrap_err().to_string();
-        assert!(err.contains("model.width"), "{err}");
+        assert!(err.contains("key `model.width`"), "{err}");
         let err = with(&["extra=1"]).unwrap_err().to_string();
         assert!(err.contains("extra"), "{err}");
     }
@@ -500,6 +505,19 @@ mod tests {
             let err = with(&[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn a_preset_with_a_sweep_table_loads_as_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("preset.toml");
+        std::fs::write(
+            &path,
+            "[model]\ndepth = 32\n[sweep]\nseeds = 2\n[sweep.grid]\n\"train.mode\" = [\"coupled\"]\n",
+        )
+        .unwrap();
+        let c = ExperimentConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.model.depth, 32);
     }
 
     #[test]

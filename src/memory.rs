@@ -164,6 +164,11 @@ impl MemoryMeter {
         self.source
     }
 
+    /// The bytes in use now, as this meter reads them (0 when the backend reports nothing).
+    pub fn live(&self) -> u64 {
+        self.sample()
+    }
+
     fn sample(&self) -> u64 {
         match self.source {
             MemorySource::HostAllocator => current() as u64,

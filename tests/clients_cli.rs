@@ -273,3 +273,103 @@ fn impossible_client_settings_name_the_key_and_value() {
             .stderr(predicate::str::contains("panicked").not());
     }
 }
+
+/// [`comparable`] without the bytes a schedule adds (SplitFed's model transfers).
+fn without_model_bytes(mut r: Value) -> Value {
+    let strip = |b: &mut Value| {
+        for key in ["weights", "up", "down", "total", "messages"] {
+            b.as_object_mut().unwrap().remove(key);
+        }
+    };
+    strip(&mut r["bytes"]);
+    strip(&mut r["bytes_per_epoch"]);
+    for epoch in r["epochs"].as_array_mut().unwrap() {
+        strip(&mut epoch["bytes"]);
+    }
+    for client in r["clients"].as_array_mut().unwrap() {
+        strip(&mut client["bytes"]);
+    }
+    r
+}
+
+#[test]
+fn splitfed_with_one_client_is_the_single_run_for_one_epoch() {
+    let out = tempfile::tempdir().unwrap();
+    for mode in ["coupled", "decoupled"] {
+        let single = without_model_bytes(comparable(train(&["--mode", mode], out.path())));
+        for schedule in ["splitfed-v1", "splitfed-v2"] {
+            let set = format!("clients.schedule={schedule}");
+            let r = comparable(train(&["--mode", mode, "--set", &set], out.path()));
+            assert!(
+                u(&r["bytes"]["weights"]) > 0,
+                "{schedule}: the model is downloaded and uploaded"
+            );
+            assert_eq!(single, without_model_bytes(r), "{mode}, {schedule}");
+        }
+    }
+}
+
+#[test]
+fn splitfed_moves_two_models_per_client_and_round() {
+    let out = tempfile::tempdir().unwrap();
+    let (clients, epochs) = (3u64, 2u64);
+    for mode in ["coupled", "decoupled"] {
+        for schedule in ["splitfed-v1", "splitfed-v2"] {
+            let set = format!("clients.schedule={schedule}");
+            let r = train(
+                &[
+                    "--mode",
+                    mode,
+                    "--set",
+                    &set,
+                    "--set",
+                    "clients.count=3",
+                    "--set",
+                    "clients.partition=dirichlet",
+                    "--set",
+                    "train.epochs=2",
+                ],
+                out.path(),
+            );
+            assert_eq!(r["status"], "completed", "{mode}, {schedule}");
+            let params = &r["parameters"];
+            let values = u(&params["client"])
+                + if mode == "decoupled" {
+                    u(&params["aux_head"])
+                } else {
+                    0
+                };
+            // One rank-1 f32 frame: 6-byte header, one dimension, the values.
+            let model_frame = 6 + 4 + 4 * values;
+            assert_eq!(
+                u(&r["bytes"]["weights"]),
+                2 * clients * epochs * model_frame,
+                "{mode}, {schedule}"
+            );
+            assert_eq!(
+                u(&r["bytes"]["optimizer_state"]),
+                0,
+                "optimizers restart every round"
+            );
+            for epoch in r["epochs"].as_array().unwrap() {
+                assert_eq!(u(&epoch["bytes"]["weights"]), 2 * clients * model_frame);
+            }
+            for c in r["clients"].as_array().unwrap() {
+                assert_eq!(
+                    u(&c["bytes"]["weights"]),
+                    2 * epochs * model_frame,
+                    "down and up"
+                );
+            }
+            let copies = u(&r["peak_memory"]["server_copies"]);
+            if schedule == "splitfed-v1" {
+                assert!(
+                    copies >= clients * 4 * u(&params["server"]),
+                    "v1 holds a server copy per client: {copies}"
+                );
+            } else {
+                assert_eq!(copies, 0);
+            }
+        }
+    }
+}

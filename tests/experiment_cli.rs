@@ -305,3 +305,55 @@ fn plot_writes_valid_svgs_with_the_series() {
     assert!(memory.contains("cut shallow") && memory.contains("peak memory above baseline (MiB)"));
     assert!(memory.matches("<rect").count() >= 4);
 }
+
+#[test]
+fn clients_count_is_a_table_axis_with_weight_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    sweep(
+        dir.path(),
+        &[
+            "--grid",
+            "clients.count=1,2",
+            "--grid",
+            "train.mode=coupled,decoupled",
+            "--quiet",
+        ],
+    )
+    .success();
+    let log = dir.path().join("out/runs.jsonl");
+    let table = splitaux()
+        .arg("table")
+        .arg(&log)
+        .args(["--rows", "clients.count", "--cols", "train.mode"])
+        .args([
+            "--metric",
+            "weight-bytes",
+            "--metric",
+            "cut-bytes",
+            "--format",
+            "json",
+        ])
+        .assert()
+        .success();
+    let table: Value = serde_json::from_slice(&table.get_output().stdout).unwrap();
+    let cells = table["cells"].as_array().unwrap();
+    let weight = |row: &str, col: &str| {
+        cells
+            .iter()
+            .find(|c| c["row"] == row && c["col"] == col && c["metric"] == "weight_bytes")
+            .unwrap_or_else(|| panic!("cell {row} × {col} in {table}"))["mean"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(weight("1", "coupled"), 0.0);
+    // Two clients, one epoch: one hand-off; decoupled also hands on the auxiliary head.
+    assert!(weight("2", "coupled") > 0.0);
+    assert!(weight("2", "decoupled") > weight("2", "coupled"));
+    splitaux()
+        .arg("plot")
+        .arg(&log)
+        .arg("--out")
+        .arg(dir.path().join("plots"))
+        .assert()
+        .success();
+}

@@ -11,8 +11,8 @@ use splitaux::config::{ExperimentConfig, Mode, OptimConfig, Schedule};
 use splitaux::data::{Normalization, Split};
 use splitaux::kernels::Kernels;
 use splitaux::model::{AuxKind, CutSpec, SplitResNetConfig, cross_entropy};
-use splitaux::party::StepLosses;
 use splitaux::party::optim::build_optimizer;
+use splitaux::party::{Rates, StepLosses};
 use splitaux::run::RunSetup;
 
 /// Every float parameter of a module, flattened in visiting order.
@@ -126,7 +126,13 @@ fn step_of(
 ) -> StepLosses {
     split
         .parties
-        .step(client, images.clone(), labels.clone(), lr, &mut split.meter)
+        .step(
+            client,
+            images.clone(),
+            labels.clone(),
+            Rates::both(lr),
+            &mut split.meter,
+        )
         .unwrap()
 }
 

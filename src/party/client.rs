@@ -39,7 +39,8 @@ pub struct ClientParty {
     from_prev: Option<Endpoint>,
     /// The client-side model, while this client holds it.
     model: Option<Trainable<ClientModel>>,
-    /// A model of the same architecture that a received hand-off is loaded into.
+    /// A model of the same architecture that a received model (a hand-off, or SplitFed's
+    /// global model) is loaded into.
     template: Option<ClientModel>,
     /// Coupled: the activations whose gradient is awaited.
     pending: Option<Tensor<4>>,
@@ -59,19 +60,26 @@ pub struct ClientParts {
     pub to_server: Endpoint,
     pub to_next: Option<Endpoint>,
     pub from_prev: Option<Endpoint>,
-    /// `Ok`: the client starts holding this model (with a fresh optimizer); `Err`: it starts
-    /// without one and loads the first hand-off into this template.
-    pub model: Result<ClientModel, ClientModel>,
+    pub model: StartingModel,
+}
+
+/// What a client starts with.
+pub enum StartingModel {
+    /// The client-side model, which it trains first (with a fresh optimizer).
+    Holds(ClientModel),
+    /// No model: a template of the architecture that the first model it receives is loaded
+    /// into.
+    Template(ClientModel),
 }
 
 impl ClientParty {
     pub fn new(parts: ClientParts) -> Self {
         let (model, template) = match parts.model {
-            Ok(model) => (
+            StartingModel::Holds(model) => (
                 Some(Trainable::new(model, build_optimizer(&parts.optim))),
                 None,
             ),
-            Err(template) => (None, Some(template)),
+            StartingModel::Template(template) => (None, Some(template)),
         };
         Self {
             id: parts.id,
@@ -93,6 +101,11 @@ impl ClientParty {
     /// The client-side model, if this client holds it.
     pub fn model(&self) -> Option<&ClientModel> {
         self.model.as_ref().map(Trainable::model)
+    }
+
+    /// Whether the auxiliary head travels with the client-side model (decoupled mode).
+    pub fn carries_aux_head(&self) -> bool {
+        self.update.carries_aux_head()
     }
 
     pub fn holds_model(&self) -> bool {
@@ -240,6 +253,56 @@ impl ClientParty {
             load_optimizer(build_optimizer(&self.optim), optimizer_state).map_err(model_error)?;
         self.model = Some(Trainable::new(model, optimizer));
         Ok(())
+    }
+
+    /// SplitFed, start of a round: loads the global client-side model the server sends, with
+    /// a fresh optimizer.
+    pub fn download(&mut self) -> Result<(), PartyError> {
+        let values: Vec<f32> = self
+            .to_server
+            .recv()?
+            .into_vec(MessageKind::Weights)
+            .map_err(|source| PartyError::Protocol {
+                peer: "server".into(),
+                source,
+            })?;
+        let template = match (self.template.take(), self.model.take()) {
+            (Some(template), _) => template,
+            (None, Some(model)) => model.into_model(),
+            (None, None) => {
+                return Err(PartyError::State(format!(
+                    "client {} has no model to load into",
+                    self.id
+                )));
+            }
+        };
+        let model = load_client_state(template, &values, self.update.carries_aux_head()).map_err(
+            |source| PartyError::Model {
+                peer: "server".into(),
+                source,
+            },
+        )?;
+        self.model = Some(Trainable::new(model, build_optimizer(&self.optim)));
+        Ok(())
+    }
+
+    /// SplitFed, end of a round: sends the trained client-side model to the server and keeps
+    /// the architecture as its template.
+    pub fn upload(&mut self) -> Result<(), PartyError> {
+        let model = self
+            .model
+            .take()
+            .ok_or(PartyError::NoModel { client: self.id })?
+            .into_model();
+        // BatchNorm running statistics lag one update until synchronized; `valid` syncs them.
+        drop(model.valid());
+        let values = client_state(&model, self.update.carries_aux_head());
+        let n = values.len();
+        self.template = Some(model);
+        self.to_server.send(&Message {
+            kind: MessageKind::Weights,
+            data: TensorData::new(values, [n]),
+        })
     }
 
     /// Everything this client sent and received, by kind (sent frames `up`, received `down`).

@@ -11,13 +11,16 @@ pub mod state;
 pub mod trainable;
 pub mod update;
 
-pub use client::{ClientParts, ClientParty};
+pub use client::{ClientParts, ClientParty, StartingModel};
 pub use endpoint::Endpoint;
-pub use server::ServerParty;
+pub use server::{ServerParts, ServerParty};
 pub use trainable::Trainable;
 pub use update::{AfterSend, ClientUpdate};
 
 use burn::tensor::{Int, Tensor};
+
+use crate::config::OptimConfig;
+use crate::model::ClientModel;
 
 use crate::memory::MemoryMeter;
 use crate::protocol::{Bytes, ProtocolError};
@@ -49,6 +52,23 @@ pub enum PartyError {
     State(String),
 }
 
+/// Learning rates of one step's updates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    pub client: f64,
+    pub server: f64,
+}
+
+impl Rates {
+    /// The same rate on both sides.
+    pub fn both(lr: f64) -> Self {
+        Self {
+            client: lr,
+            server: lr,
+        }
+    }
+}
+
 /// Losses of one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepLosses {
@@ -62,6 +82,8 @@ pub struct StepLosses {
 pub struct Parties {
     pub clients: Vec<ClientParty>,
     pub server: ServerParty,
+    /// SplitFed: a client-side model that the global one is loaded into for evaluation.
+    pub eval_template: Option<ClientModel>,
 }
 
 impl Parties {
@@ -76,7 +98,7 @@ impl Parties {
         client: usize,
         images: Tensor<4>,
         labels: Tensor<1, Int>,
-        lr: f64,
+        rates: Rates,
         meter: &mut MemoryMeter,
     ) -> Result<StepLosses, PartyError> {
         let party = self
@@ -84,9 +106,9 @@ impl Parties {
             .get_mut(client)
             .ok_or(PartyError::UnknownClient { client })?;
         meter.begin_step();
-        let aux = party.send_batch(images, labels, lr, meter)?;
-        let server = self.server.serve(client, lr, meter)?;
-        self.clients[client].finish_step(lr, meter)?;
+        let aux = party.send_batch(images, labels, rates.client, meter)?;
+        let server = self.server.serve(client, rates.server, meter)?;
+        self.clients[client].finish_step(rates.client, meter)?;
         meter.end_step();
         Ok(StepLosses {
             server,
@@ -114,6 +136,67 @@ impl Parties {
     /// The client that holds the client-side model.
     pub fn holder(&self) -> Option<&ClientParty> {
         self.clients.iter().find(|c| c.holds_model())
+    }
+
+    /// SplitFed, start of a round: every client downloads the global client-side model (and,
+    /// with `server_copies`, the server makes one copy of its model per client).
+    pub fn begin_round(
+        &mut self,
+        server_copies: bool,
+        optim: &OptimConfig,
+    ) -> Result<(), PartyError> {
+        for (i, client) in self.clients.iter_mut().enumerate() {
+            self.server.send_global_client(i)?;
+            client.download()?;
+        }
+        if server_copies {
+            self.server.make_copies(optim)?;
+        }
+        Ok(())
+    }
+
+    /// SplitFed, end of a round: every client uploads its model; the server averages them
+    /// (weighted by `weights`, the shard sizes), and its own copies with `server_copies`.
+    pub fn end_round(&mut self, server_copies: bool, weights: &[u64]) -> Result<(), PartyError> {
+        for client in &mut self.clients {
+            client.upload()?;
+        }
+        self.server.average_clients(weights)?;
+        if server_copies {
+            self.server.average_copies(weights)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with the current client-side model: the holder's, or (SplitFed) the global
+    /// one.
+    pub fn with_client_model<R>(
+        &mut self,
+        f: impl FnOnce(&ClientModel) -> R,
+    ) -> Result<R, PartyError> {
+        if let Some(holder) = self.holder().and_then(ClientParty::model) {
+            return Ok(f(holder));
+        }
+        let values = self
+            .server
+            .global_client()
+            .ok_or(PartyError::State(
+                "no client holds the client-side model".into(),
+            ))?
+            .to_vec();
+        let template = self.eval_template.take().ok_or(PartyError::State(
+            "no model to evaluate the global client-side model".into(),
+        ))?;
+        let with_aux = self.clients.iter().any(ClientParty::carries_aux_head);
+        let model = client::load_client_state(template, &values, with_aux).map_err(|source| {
+            PartyError::Model {
+                peer: "server".into(),
+                source,
+            }
+        })?;
+        let result = f(&model);
+        self.eval_template = Some(model);
+        Ok(result)
     }
 
     /// Every frame of the run so far, each counted once by its sender.

@@ -1,46 +1,84 @@
 //! The server party: the rest of the network, its optimizer, and one link per client. It trains
 //! on whatever activations a client sends and, when its mode says so, returns the cut gradient.
+//! Under SplitFed it is also the federation server: it keeps the global client-side model,
+//! sends it to the clients at the start of a round and averages their uploads at the end; in
+//! v1 it trains one copy of its own model per client and averages those too.
 
-use burn::tensor::Device;
+use burn::module::Module;
+use burn::tensor::{Device, TensorData};
 
 use super::PartyError;
 use super::endpoint::Endpoint;
+use super::optim::build_optimizer;
+use super::state::{flatten, load_flat};
 use super::trainable::{Trainable, loss_value};
+use crate::config::OptimConfig;
+use crate::federation::fedavg;
 use crate::memory::{MemoryMeter, Phase};
 use crate::model::{ServerNet, cross_entropy};
 use crate::protocol::{Bytes, Message, MessageKind};
 
 /// The server.
 pub struct ServerParty {
+    /// The global server model (SplitFed v1: the average of the last round's copies; its
+    /// optimizer is then never stepped: the copies train).
     model: Trainable<ServerNet>,
+    /// SplitFed v1, during a round: client `i`'s copy of the server model.
+    copies: Vec<Option<Trainable<ServerNet>>>,
+    /// Models of the same architecture that copies are loaded into (one per client, v1 only).
+    templates: Vec<ServerNet>,
+    /// SplitFed: the global client-side model, flattened (see `party::client::client_state`).
+    global_client: Option<Vec<f32>>,
     /// `links[i]` talks to client `i`.
     links: Vec<Endpoint>,
     returns_gradient: bool,
     device: Device,
 }
 
+/// How the server is wired and what it starts with.
+pub struct ServerParts {
+    pub model: Trainable<ServerNet>,
+    /// SplitFed v1: one per client; otherwise empty.
+    pub templates: Vec<ServerNet>,
+    /// SplitFed: the initial global client-side model; otherwise `None`.
+    pub global_client: Option<Vec<f32>>,
+    pub links: Vec<Endpoint>,
+    pub returns_gradient: bool,
+    pub device: Device,
+}
+
 impl ServerParty {
-    pub fn new(
-        model: Trainable<ServerNet>,
-        links: Vec<Endpoint>,
-        returns_gradient: bool,
-        device: Device,
-    ) -> Self {
+    pub fn new(parts: ServerParts) -> Self {
         Self {
-            model,
-            links,
-            returns_gradient,
-            device,
+            model: parts.model,
+            copies: parts.links.iter().map(|_| None).collect(),
+            templates: parts.templates,
+            global_client: parts.global_client,
+            links: parts.links,
+            returns_gradient: parts.returns_gradient,
+            device: parts.device,
         }
     }
 
+    /// The global server model.
     pub fn model(&self) -> &ServerNet {
         self.model.model()
     }
 
+    /// SplitFed: the global client-side model, flattened.
+    pub fn global_client(&self) -> Option<&[f32]> {
+        self.global_client.as_deref()
+    }
+
+    fn link(&mut self, client: usize) -> Result<&mut Endpoint, PartyError> {
+        self.links
+            .get_mut(client)
+            .ok_or(PartyError::UnknownClient { client })
+    }
+
     /// Serves one step of `client`: receives its activations and labels, trains on them with
-    /// the true loss, and sends the gradient at the cut back when the mode wants it. Returns the
-    /// loss.
+    /// the true loss (its own server copy in SplitFed v1), and sends the gradient at the cut
+    /// back when the mode wants it. Returns the loss.
     pub fn serve(
         &mut self,
         client: usize,
@@ -48,36 +86,139 @@ impl ServerParty {
         meter: &mut MemoryMeter,
     ) -> Result<f32, PartyError> {
         meter.enter(Phase::Server);
-        let link = self
-            .links
-            .get_mut(client)
-            .ok_or(PartyError::UnknownClient { client })?;
         let protocol = |source| PartyError::Protocol {
             peer: format!("client {client}"),
             source,
         };
+        let device = self.device.clone();
+        let link = self.link(client)?;
         // A fresh leaf: shares nothing with the client's graph.
         let a = link
             .recv()?
-            .into_float::<4>(MessageKind::Activations, &self.device)
+            .into_float::<4>(MessageKind::Activations, &device)
             .map_err(protocol)?;
-        let labels = link.recv()?.into_labels(&self.device).map_err(protocol)?;
+        let labels = link.recv()?.into_labels(&device).map_err(protocol)?;
         let a = if self.returns_gradient {
             a.require_grad()
         } else {
             a
         };
-        let loss = cross_entropy(self.model.model().forward(a.clone()), labels);
+        let model = match self.copies.get_mut(client) {
+            Some(Some(copy)) => copy,
+            _ => &mut self.model,
+        };
+        let loss = cross_entropy(model.model().forward(a.clone()), labels);
         let value = loss_value(&loss);
         let mut grads = loss.backward();
-        if self.returns_gradient {
-            let g = a.grad_remove(&mut grads).ok_or(PartyError::State(
+        let gradient = if self.returns_gradient {
+            Some(a.grad_remove(&mut grads).ok_or(PartyError::State(
                 "the received activations got no gradient".into(),
-            ))?;
-            link.send(&Message::float(MessageKind::Gradients, g))?;
+            ))?)
+        } else {
+            None
+        };
+        model.apply(lr, grads);
+        if let Some(g) = gradient {
+            self.link(client)?
+                .send(&Message::float(MessageKind::Gradients, g))?;
         }
-        self.model.apply(lr, grads);
         Ok(value)
+    }
+
+    /// SplitFed, start of a round: sends the global client-side model to `client`.
+    pub fn send_global_client(&mut self, client: usize) -> Result<(), PartyError> {
+        let values = self.global_client.clone().ok_or(PartyError::State(
+            "no global client-side model (not SplitFed)".into(),
+        ))?;
+        let n = values.len();
+        self.link(client)?.send(&Message {
+            kind: MessageKind::Weights,
+            data: TensorData::new(values, [n]),
+        })
+    }
+
+    /// SplitFed, end of a round: receives every client's trained client-side model and makes
+    /// their FedAvg (weighted by `weights`, the shard sizes) the new global one.
+    pub fn average_clients(&mut self, weights: &[u64]) -> Result<(), PartyError> {
+        let mut uploads = Vec::with_capacity(self.links.len());
+        for link in &mut self.links {
+            let peer = link.peer().to_string();
+            let values: Vec<f32> = link
+                .recv()?
+                .into_vec(MessageKind::Weights)
+                .map_err(|source| PartyError::Protocol { peer, source })?;
+            uploads.push(values);
+        }
+        let expected = self.global_client.as_ref().map_or(0, Vec::len);
+        if let Some((client, upload)) = uploads
+            .iter()
+            .enumerate()
+            .find(|(_, u)| u.len() != expected)
+        {
+            return Err(PartyError::Model {
+                peer: format!("client {client}"),
+                source: super::state::StateError::WrongLength {
+                    expected,
+                    got: upload.len(),
+                },
+            });
+        }
+        let views: Vec<&[f32]> = uploads.iter().map(Vec::as_slice).collect();
+        self.global_client = Some(fedavg(&views, weights));
+        Ok(())
+    }
+
+    /// SplitFed v1, start of a round: one copy of the global server model per client, each with
+    /// a fresh optimizer.
+    pub fn make_copies(&mut self, optim: &OptimConfig) -> Result<(), PartyError> {
+        let global = flatten(self.model.model());
+        let templates = std::mem::take(&mut self.templates);
+        if templates.len() != self.links.len() {
+            return Err(PartyError::State(format!(
+                "{} server templates for {} clients",
+                templates.len(),
+                self.links.len()
+            )));
+        }
+        for (copy, template) in self.copies.iter_mut().zip(templates) {
+            let model = load_flat(template, &global).map_err(|source| PartyError::Model {
+                peer: "server".into(),
+                source,
+            })?;
+            *copy = Some(Trainable::new(model, build_optimizer(optim)));
+        }
+        Ok(())
+    }
+
+    /// SplitFed v1, end of a round: the FedAvg of the copies (weighted by `weights`) becomes the
+    /// global server model; the copies become templates again.
+    pub fn average_copies(&mut self, weights: &[u64]) -> Result<(), PartyError> {
+        let mut trained = Vec::with_capacity(self.copies.len());
+        for copy in &mut self.copies {
+            let copy = copy
+                .take()
+                .ok_or(PartyError::State("a server copy is missing".into()))?
+                .into_model();
+            // BatchNorm running statistics lag one update until synchronized.
+            drop(copy.valid());
+            trained.push(copy);
+        }
+        let flats: Vec<Vec<f32>> = trained.iter().map(flatten).collect();
+        let views: Vec<&[f32]> = flats.iter().map(Vec::as_slice).collect();
+        let average = fedavg(&views, weights);
+        // The average goes into one trained copy, which becomes the global model; the other
+        // copies and the old global model are the next round's templates.
+        let mut models = trained.into_iter();
+        let first = models
+            .next()
+            .ok_or(PartyError::State("no server copies to average".into()))?;
+        let global = load_flat(first, &average).map_err(|source| PartyError::Model {
+            peer: "server".into(),
+            source,
+        })?;
+        let old = self.model.replace_model(global);
+        self.templates = models.chain(std::iter::once(old)).collect();
+        Ok(())
     }
 
     /// Everything the server sent (each frame of a run is counted once by its sender).

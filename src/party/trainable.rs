@@ -29,6 +29,14 @@ impl<M: Module> Trainable<M> {
         &self.optimizer
     }
 
+    /// Puts `model` in place of the current one (same architecture, the optimizer's state
+    /// carries on) and returns the old one.
+    pub fn replace_model(&mut self, model: M) -> M {
+        self.model
+            .replace(model)
+            .expect("model is present between optimizer steps")
+    }
+
     /// The model, without its optimizer.
     pub fn into_model(mut self) -> M {
         self.model

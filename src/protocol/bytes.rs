@@ -16,9 +16,11 @@ pub struct Bytes {
     pub weights: u64,
     /// Client-side optimizer state handed over.
     pub optimizer_state: u64,
-    /// Frames leaving a client.
+    /// Frames a client sent (to the server or to the next client).
     pub up: u64,
-    /// Frames arriving at a client.
+    /// Frames a client received. In a run's totals, where each frame counts once (by its
+    /// sender), these are the server's frames; a client's own ledger also counts hand-offs it
+    /// received.
     pub down: u64,
     pub total: u64,
     /// Frames counted.

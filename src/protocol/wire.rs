@@ -42,7 +42,7 @@ pub enum ProtocolError {
     },
 }
 
-/// One tensor crossing the cut.
+/// One tensor crossing between parties (a cut tensor, labels, or a hand-off).
 #[derive(Debug, Clone)]
 pub struct Message {
     pub kind: MessageKind,

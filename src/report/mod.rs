@@ -60,7 +60,7 @@ pub struct EpochMetrics {
     pub test_accuracy: f64,
     /// Accuracy of the client's auxiliary head alone (decoupled; null in coupled mode).
     pub aux_accuracy: Option<f64>,
-    /// Bytes that crossed the cut during this epoch.
+    /// Bytes exchanged during this epoch (cut tensors, labels, hand-offs).
     pub bytes: Bytes,
     /// Wall time of the epoch's training steps (evaluation excluded).
     pub train_seconds: f64,
@@ -79,6 +79,11 @@ pub struct PeakMemoryReport {
     pub peaks: PeakMemory,
     /// Bytes live before training started (model, dataset, buffers).
     pub baseline: u64,
+    /// SplitFed v1: bytes of the server's per-client copies of its model (parameters and
+    /// BatchNorm buffers; their optimizer state comes on top during a round), measured while
+    /// they are built at set-up and so part of `baseline`; 0 otherwise.
+    #[serde(default)]
+    pub server_copies: u64,
     /// `host_allocator` (exact) or `device_pool` (sampled at phase changes).
     pub source: MemorySource,
 }

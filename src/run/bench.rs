@@ -17,6 +17,7 @@ use crate::data::{Normalization, Split};
 use crate::kernels::Kernels;
 use crate::memory::MemoryMeter;
 use crate::model::{AuxKind, CutSpec};
+use crate::party::Rates;
 
 /// What to time.
 #[derive(Debug, Clone, Serialize)]
@@ -110,7 +111,7 @@ pub fn bench(config: &BenchConfig) -> Result<BenchResult, RunError> {
         let start = Instant::now();
         setup
             .parties
-            .step(0, images.clone(), labels.clone(), 0.01, meter)?;
+            .step(0, images.clone(), labels.clone(), Rates::both(0.01), meter)?;
         if timed {
             elapsed += start.elapsed().as_secs_f64();
         }

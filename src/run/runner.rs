@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
 
 use super::eval::evaluate;
 use super::setup::RunSetup;
@@ -12,10 +13,10 @@ use super::{PreparedData, RunError};
 use crate::config::{ExperimentConfig, Mode};
 use crate::data::Batcher;
 use crate::data::partition::class_histograms;
-use crate::federation::{EpochDriver, Flow};
+use crate::federation::{ModelFlow, RatePosition};
 use crate::memory;
 use crate::party::optim::LrSchedule;
-use crate::party::{PartyError, StepLosses};
+use crate::party::{Rates, StepLosses};
 use crate::protocol::Bytes;
 use crate::report::{ClientReport, CutReport, EpochMetrics, PeakMemoryReport, Report, RunStatus};
 
@@ -51,7 +52,9 @@ pub fn run(
     let baseline = memory::current() as u64;
 
     let batch = config.train.batch_size;
-    let steps_per_epoch: usize = parts.iter().map(|p| p.len().div_ceil(batch)).sum();
+    let batches: Vec<usize> = parts.iter().map(|p| p.len().div_ceil(batch)).collect();
+    let steps_per_epoch: usize = batches.iter().sum();
+    let epochs = config.train.epochs;
     let report = Report {
         splitaux_version: crate::VERSION.to_string(),
         mode,
@@ -88,7 +91,13 @@ pub fn run(
         config: config.clone(),
     };
     let mut trainer = Trainer {
-        schedule: LrSchedule::new(&config.optim, steps_per_epoch * config.train.epochs),
+        schedule: LrSchedule::new(&config.optim, steps_per_epoch * epochs),
+        client_schedules: batches
+            .iter()
+            .map(|&b| LrSchedule::new(&config.optim, b * epochs))
+            .collect(),
+        shard_sizes: parts.iter().map(|p| p.len() as u64).collect(),
+        batches,
         steps_per_epoch,
         setup,
         data,
@@ -98,14 +107,32 @@ pub fn run(
         epoch: EpochSums::default(),
     };
 
-    for epoch in 1..=config.train.epochs {
+    for epoch in 1..=epochs {
         trainer.begin_epoch(epoch);
-        if config.clients.schedule.epoch(&mut trainer, epoch)? == Flow::Stop {
+        if trainer.train_epoch(epoch)? == Flow::Stop {
             break;
         }
         trainer.end_epoch(epoch)?;
     }
     Ok(trainer.finish(baseline, started))
+}
+
+/// Whether training goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// A loss diverged; the report says where.
+    Stop,
+}
+
+/// A client's pass over its shard in the current epoch.
+struct Pass {
+    /// Training-subset indices in this epoch's order.
+    order: Vec<usize>,
+    augment: StdRng,
+    /// Batches taken so far, and steps trained (batches of one image are skipped).
+    taken: usize,
+    trained: usize,
 }
 
 /// Sums over the passes of one epoch.
@@ -122,13 +149,17 @@ struct EpochSums {
     bar: Option<ProgressBar>,
 }
 
-/// A run in progress: the parties, where the schedule is, and the report so far. Schedules drive
-/// it as an [`EpochDriver`].
-pub struct Trainer<'a> {
-    pub setup: RunSetup,
+/// A run in progress: the parties, where the schedule is, and the report so far.
+struct Trainer<'a> {
+    setup: RunSetup,
     data: &'a PreparedData,
     options: RunOptions,
+    /// The learning rate by the run's step count, and by each client's own steps (SplitFed).
     schedule: LrSchedule,
+    client_schedules: Vec<LrSchedule>,
+    /// Per client: batches per epoch, and shard size (the FedAvg weight).
+    batches: Vec<usize>,
+    shard_sizes: Vec<u64>,
     steps_per_epoch: usize,
     /// Steps taken so far (the learning-rate schedule's position).
     global_step: usize,
@@ -154,56 +185,131 @@ impl Trainer<'_> {
         };
     }
 
-    /// Client `client`'s pass over its shard in `epoch`: one step per batch (a last batch of
-    /// one image is skipped: BatchNorm needs two).
-    fn train_pass(&mut self, client: usize, epoch: usize) -> Result<Flow, RunError> {
-        let seed = self.setup.config.train.seed;
-        let batch = self.setup.config.train.batch_size;
-        let (order, mut augment) = self.setup.parties.clients[client].epoch_order(seed, epoch);
-        let batches = order.len().div_ceil(batch);
-        for (index, chunk) in order.chunks(batch).enumerate() {
-            if chunk.len() < 2 {
-                continue;
+    /// One epoch as `clients.schedule` plans it: the client of each step, the model's moves
+    /// (hand-offs, or SplitFed's download and upload around the round).
+    fn train_epoch(&mut self, epoch: usize) -> Result<Flow, RunError> {
+        let config = &self.setup.config;
+        let plan = config
+            .clients
+            .schedule
+            .plan(epoch, &self.batches, config.train.seed);
+        let optim = config.optim.clone();
+        if let ModelFlow::Federated { server_copies } = plan.model {
+            self.setup.parties.begin_round(server_copies, &optim)?;
+        }
+        let mut passes: Vec<Option<Pass>> = self.batches.iter().map(|_| None).collect();
+        for &client in &plan.steps {
+            if plan.model == ModelFlow::HandOff {
+                self.take_over(client)?;
             }
-            let data_start = Instant::now();
-            let (images, labels) = self.setup.parties.clients[client].batch(chunk, &mut augment);
-            self.epoch.data_seconds += data_start.elapsed().as_secs_f64();
-
-            let lr = self.schedule.at(self.global_step);
-            self.epoch.lr = lr;
-            let losses =
-                self.setup
-                    .parties
-                    .step(client, images, labels, lr, &mut self.setup.meter)?;
-            self.global_step += 1;
-            if let Some(bad) = non_finite(losses) {
-                let place = if self.setup.parties.clients.len() == 1 {
-                    format!("step {} of {batches}", index + 1)
-                } else {
-                    format!("client {client}, step {} of {batches}", index + 1)
-                };
-                if let Some(bar) = &self.epoch.bar {
-                    bar.abandon();
+            let pass = passes[client].get_or_insert_with(|| {
+                let (order, augment) = self.setup.parties.clients[client]
+                    .epoch_order(self.setup.config.train.seed, epoch);
+                Pass {
+                    order,
+                    augment,
+                    taken: 0,
+                    trained: 0,
                 }
-                self.report.status = RunStatus::Diverged;
-                self.report.error = Some(format!(
-                    "{bad} loss is not finite at epoch {epoch}, {place}"
-                ));
+            });
+            // A client's local step counts its trained steps; its epoch offset counts every
+            // batch (a skipped one-image batch included), so a round starts where the schedule
+            // says whatever was skipped before.
+            let rate = |position: RatePosition| match position {
+                RatePosition::Global => self.schedule.at(self.global_step),
+                RatePosition::PerClient => self.client_schedules[client]
+                    .at((epoch - 1) * self.batches[client] + pass.trained),
+            };
+            let rates = Rates {
+                client: rate(plan.client_rate),
+                server: rate(plan.server_rate),
+            };
+            if self.train_step(client, epoch, pass, rates)? == Flow::Stop {
                 return Ok(Flow::Stop);
             }
-            let sums = &mut self.epoch;
-            sums.server_loss += losses.server as f64;
-            sums.client_loss += losses.client.unwrap_or(0.0) as f64;
-            sums.steps += 1;
-            sums.images += chunk.len();
-            if let (Some(bar), Some(started)) = (&sums.bar, sums.started) {
-                bar.inc(1);
-                bar.set_message(format!(
-                    "loss {:.3}  {:.0} img/s",
-                    sums.server_loss / sums.steps as f64,
-                    sums.images as f64 / started.elapsed().as_secs_f64()
-                ));
+        }
+        if let ModelFlow::Federated { server_copies } = plan.model {
+            self.setup
+                .parties
+                .end_round(server_copies, &self.shard_sizes)?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Sequential: hands the model round the ring until `client` holds it (a client with no
+    /// images passes it straight on).
+    fn take_over(&mut self, client: usize) -> Result<(), RunError> {
+        let parties = &mut self.setup.parties;
+        let n = parties.clients.len();
+        for _ in 0..n {
+            if parties.clients[client].holds_model() {
+                return Ok(());
             }
+            let holder = (0..n)
+                .find(|&c| parties.clients[c].holds_model())
+                .unwrap_or((client + n - 1) % n);
+            parties.hand_off(holder, (holder + 1) % n)?;
+        }
+        Ok(())
+    }
+
+    /// `client`'s next batch of its pass (a batch of one image is skipped: BatchNorm needs
+    /// two).
+    fn train_step(
+        &mut self,
+        client: usize,
+        epoch: usize,
+        pass: &mut Pass,
+        rates: Rates,
+    ) -> Result<Flow, RunError> {
+        let batch = self.setup.config.train.batch_size;
+        let index = pass.taken;
+        pass.taken += 1;
+        let Some(chunk) = pass.order.chunks(batch).nth(index) else {
+            return Ok(Flow::Continue);
+        };
+        if chunk.len() < 2 {
+            return Ok(Flow::Continue);
+        }
+        let data_start = Instant::now();
+        let (images, labels) = self.setup.parties.clients[client].batch(chunk, &mut pass.augment);
+        self.epoch.data_seconds += data_start.elapsed().as_secs_f64();
+
+        self.epoch.lr = rates.server;
+        let losses =
+            self.setup
+                .parties
+                .step(client, images, labels, rates, &mut self.setup.meter)?;
+        self.global_step += 1;
+        pass.trained += 1;
+        if let Some(bad) = non_finite(losses) {
+            let batches = self.batches[client];
+            let place = if self.setup.parties.clients.len() == 1 {
+                format!("step {} of {batches}", index + 1)
+            } else {
+                format!("client {client}, step {} of {batches}", index + 1)
+            };
+            if let Some(bar) = &self.epoch.bar {
+                bar.abandon();
+            }
+            self.report.status = RunStatus::Diverged;
+            self.report.error = Some(format!(
+                "{bad} loss is not finite at epoch {epoch}, {place}"
+            ));
+            return Ok(Flow::Stop);
+        }
+        let sums = &mut self.epoch;
+        sums.server_loss += losses.server as f64;
+        sums.client_loss += losses.client.unwrap_or(0.0) as f64;
+        sums.steps += 1;
+        sums.images += chunk.len();
+        if let (Some(bar), Some(started)) = (&sums.bar, sums.started) {
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {:.3}  {:.0} img/s",
+                sums.server_loss / sums.steps as f64,
+                sums.images as f64 / started.elapsed().as_secs_f64()
+            ));
         }
         Ok(Flow::Continue)
     }
@@ -218,22 +324,21 @@ impl Trainer<'_> {
         let mode = config.train.mode;
         let decoupled = mode == Mode::Decoupled;
         let eval_start = Instant::now();
+        let server = burn::module::Module::valid(self.setup.parties.server.model());
+        let (data, device) = (self.data, &self.setup.device);
+        let eval_batch = config.train.eval_batch_size;
+        let (test_accuracy, aux_accuracy) = self.setup.parties.with_client_model(|client| {
+            evaluate(
+                &burn::module::Module::valid(client),
+                &server,
+                &data.test,
+                &Batcher::new(data.normalization, false),
+                eval_batch,
+                device,
+                decoupled,
+            )
+        })?;
         let parties = &self.setup.parties;
-        let client_model = parties
-            .holder()
-            .and_then(|c| c.model())
-            .ok_or(PartyError::State(
-                "no client holds the client-side model".into(),
-            ))?;
-        let (test_accuracy, aux_accuracy) = evaluate(
-            &burn::module::Module::valid(client_model),
-            &burn::module::Module::valid(parties.server.model()),
-            &self.data.test,
-            &Batcher::new(self.data.normalization, false),
-            config.train.eval_batch_size,
-            &self.setup.device,
-            decoupled,
-        );
         let steps = sums.steps.max(1) as f64;
         self.report.epochs.push(EpochMetrics {
             epoch,
@@ -279,31 +384,12 @@ impl Trainer<'_> {
             self.report.peak_memory = Some(PeakMemoryReport {
                 peaks,
                 baseline,
+                server_copies: self.setup.server_copies_bytes,
                 source: self.setup.meter.source(),
             });
         }
         self.report.wall_seconds = started.elapsed().as_secs_f64();
         self.report
-    }
-}
-
-impl EpochDriver for Trainer<'_> {
-    type Error = RunError;
-
-    fn clients(&self) -> usize {
-        self.setup.parties.clients.len()
-    }
-
-    fn holds_model(&self, client: usize) -> bool {
-        self.setup.parties.clients[client].holds_model()
-    }
-
-    fn hand_off(&mut self, from: usize, to: usize) -> Result<(), RunError> {
-        Ok(self.setup.parties.hand_off(from, to)?)
-    }
-
-    fn pass(&mut self, client: usize, epoch: usize) -> Result<Flow, RunError> {
-        self.train_pass(client, epoch)
     }
 }
 

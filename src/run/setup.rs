@@ -13,9 +13,12 @@ use crate::config::ExperimentConfig;
 use crate::data::{Batcher, Normalization, Split};
 use crate::memory::MemoryMeter;
 use crate::model::{Cut, SplitResNetConfig};
+use crate::party::client::client_state;
 use crate::party::optim::build_optimizer;
 use crate::party::state::with_stable_ids;
-use crate::party::{ClientParts, ClientParty, Endpoint, Parties, ServerParty, Trainable};
+use crate::party::{
+    ClientParts, ClientParty, Endpoint, Parties, ServerParts, ServerParty, StartingModel, Trainable,
+};
 use crate::protocol::Direction;
 use crate::report::Parameters;
 use crate::transport::memory_pair;
@@ -39,6 +42,9 @@ pub struct RunSetup {
     pub parameters: Parameters,
     pub parties: Parties,
     pub meter: MemoryMeter,
+    /// SplitFed v1: bytes of the server's per-client model copies, as the meter read them while
+    /// they were built (0 otherwise).
+    pub server_copies_bytes: u64,
 }
 
 impl RunSetup {
@@ -76,14 +82,45 @@ impl RunSetup {
             server: server_net.num_params(),
         };
         let mode = config.train.mode;
+        let schedule = config.clients.schedule;
         let n = shards.len();
-        // Clients after the first start without the model; they load hand-offs into a model of
-        // the same architecture, built after the real one so its draws do not shift.
-        let mut models = vec![Ok(with_stable_ids(client_model, CLIENT_PARAM_IDS))];
+        let client_model = with_stable_ids(client_model, CLIENT_PARAM_IDS);
+        // Sequential: client 0 starts with the model. SplitFed: the server keeps the global
+        // client-side model and every client loads it at the start of a round.
+        let global_client = schedule
+            .is_federated()
+            .then(|| client_state(&client_model, mode.client_update().carries_aux_head()));
+        let mut models = vec![if schedule.is_federated() {
+            StartingModel::Template(client_model)
+        } else {
+            StartingModel::Holds(client_model)
+        }];
+        // Other clients load what they receive into a model of the same architecture, built
+        // after the real one so its draws do not shift; so do evaluation (SplitFed) and the
+        // server's per-client copies (SplitFed v1).
+        let template = || -> Result<_, RunError> {
+            let (client, server, _) = model.init(&train_device)?;
+            Ok((
+                with_stable_ids(client, CLIENT_PARAM_IDS),
+                with_stable_ids(server, SERVER_PARAM_IDS),
+            ))
+        };
         for _ in 1..n {
-            let (template, _, _) = model.init(&train_device)?;
-            models.push(Err(with_stable_ids(template, CLIENT_PARAM_IDS)));
+            models.push(StartingModel::Template(template()?.0));
         }
+        let eval_template = match schedule.is_federated() {
+            true => Some(template()?.0),
+            false => None,
+        };
+        let meter = MemoryMeter::new(&device, config.train.backend.host_resident());
+        let before_copies = meter.live();
+        let mut server_templates = Vec::new();
+        if schedule.server_copies() {
+            for _ in 0..n {
+                server_templates.push(template()?.1);
+            }
+        }
+        let server_copies_bytes = meter.live().saturating_sub(before_copies);
 
         let mut server_links = Vec::with_capacity(n);
         let mut client_links = Vec::with_capacity(n);
@@ -93,10 +130,10 @@ impl RunSetup {
             client_links.push(Endpoint::new(Box::new(client_end), Direction::Up));
             server_links.push(Endpoint::new(Box::new(server_end), Direction::Down));
         }
-        // The hand-off ring: client i → client i+1 (mod n).
+        // Sequential: the hand-off ring, client i → client i+1 (mod n).
         let mut to_next: Vec<Option<Endpoint>> = (0..n).map(|_| None).collect();
         let mut from_prev: Vec<Option<Endpoint>> = (0..n).map(|_| None).collect();
-        if n > 1 {
+        if n > 1 && !schedule.is_federated() {
             for i in 0..n {
                 let next = (i + 1) % n;
                 let (a, b) = memory_pair(
@@ -134,24 +171,30 @@ impl RunSetup {
                 },
             )
             .collect();
-        let server = ServerParty::new(
-            Trainable::new(
+        let server = ServerParty::new(ServerParts {
+            model: Trainable::new(
                 with_stable_ids(server_net, SERVER_PARAM_IDS),
                 build_optimizer(&config.optim),
             ),
-            server_links,
-            mode.server_returns_gradient(),
-            train_device.clone(),
-        );
-        let meter = MemoryMeter::new(&device, config.train.backend.host_resident());
+            templates: server_templates,
+            global_client,
+            links: server_links,
+            returns_gradient: mode.server_returns_gradient(),
+            device: train_device.clone(),
+        });
         Ok(Self {
             config: config.clone(),
             device,
             train_device,
             cut,
             parameters,
-            parties: Parties { clients, server },
+            parties: Parties {
+                clients,
+                server,
+                eval_template,
+            },
             meter,
+            server_copies_bytes,
         })
     }
 }
