@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{TINY, cifar10, json_stdout, splitaux, train_json};
+use common::{TINY, cifar10, deterministic_part, json_stdout, splitaux, train_json};
 use predicates::prelude::*;
 use serde_json::Value;
 
@@ -15,20 +15,9 @@ fn train(extra: &[&str], out: &Path) -> Value {
 
 /// The report without what differs from run to run (timing, memory) or names the clients'
 /// settings.
-fn comparable(mut r: Value) -> Value {
-    for key in ["wall_seconds", "peak_memory_bytes", "peak_memory", "config"] {
-        r.as_object_mut().unwrap().remove(key);
-    }
-    for epoch in r["epochs"].as_array_mut().unwrap() {
-        for key in [
-            "train_seconds",
-            "data_seconds",
-            "eval_seconds",
-            "images_per_s",
-        ] {
-            epoch.as_object_mut().unwrap().remove(key);
-        }
-    }
+fn comparable(r: Value) -> Value {
+    let mut r = deterministic_part(r);
+    r.as_object_mut().unwrap().remove("config");
     r
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{TINY, cifar10, json_stdout, splitaux, train_json};
+use common::{TINY, cifar10, deterministic_part, json_stdout, splitaux, train_json};
 use predicates::prelude::*;
 use serde_json::Value;
 
@@ -82,22 +82,6 @@ fn coupled_sends_gradients_equal_to_activations() {
 }
 
 /// Drops the fields that measure time or memory, which vary between runs.
-fn deterministic_part(mut r: Value) -> Value {
-    for key in ["wall_seconds", "peak_memory_bytes", "peak_memory"] {
-        r.as_object_mut().unwrap().remove(key);
-    }
-    for epoch in r["epochs"].as_array_mut().unwrap() {
-        for key in [
-            "train_seconds",
-            "data_seconds",
-            "eval_seconds",
-            "images_per_s",
-        ] {
-            epoch.as_object_mut().unwrap().remove(key);
-        }
-    }
-    r
-}
 
 #[test]
 fn same_seed_same_report() {

@@ -157,7 +157,7 @@ impl ClientParty {
         Ok(match self.update.after_send(model, h, labels, lr) {
             AfterSend::Trained { aux_loss } => Some(aux_loss),
             AfterSend::AwaitGradient(h) => {
-                self.pending = Some(h);
+                self.pending = Some(*h);
                 None
             }
         })

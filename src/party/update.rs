@@ -13,7 +13,7 @@ pub enum AfterSend {
     /// The client has updated itself; its auxiliary loss.
     Trained { aux_loss: f32 },
     /// The client waits for the cut gradient to back-propagate through `h` (graph attached).
-    AwaitGradient(Tensor<4>),
+    AwaitGradient(Box<Tensor<4>>),
 }
 
 /// A client's update rule.
@@ -59,7 +59,7 @@ impl ClientUpdate for CutGradient {
         _labels: Tensor<1, Int>,
         _lr: f64,
     ) -> AfterSend {
-        AfterSend::AwaitGradient(h)
+        AfterSend::AwaitGradient(Box::new(h))
     }
 
     fn carries_aux_head(&self) -> bool {

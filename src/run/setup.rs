@@ -134,14 +134,14 @@ impl RunSetup {
         let mut to_next: Vec<Option<Endpoint>> = (0..n).map(|_| None).collect();
         let mut from_prev: Vec<Option<Endpoint>> = (0..n).map(|_| None).collect();
         if n > 1 && !schedule.is_federated() {
-            for i in 0..n {
+            for (i, to_next) in to_next.iter_mut().enumerate() {
                 let next = (i + 1) % n;
                 let (a, b) = memory_pair(
                     &format!("client {i}"),
                     &format!("client {next}"),
                     LINK_DEPTH,
                 );
-                to_next[i] = Some(Endpoint::new(Box::new(a), Direction::Up));
+                *to_next = Some(Endpoint::new(Box::new(a), Direction::Up));
                 from_prev[next] = Some(Endpoint::new(Box::new(b), Direction::Up));
             }
         }

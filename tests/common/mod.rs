@@ -211,6 +211,24 @@ pub fn train_json(extra: &[&str], out: &Path) -> serde_json::Value {
     )
 }
 
+/// A JSON report without what differs between two runs of the same seed: timing and memory.
+pub fn deterministic_part(mut r: serde_json::Value) -> serde_json::Value {
+    for key in ["wall_seconds", "peak_memory_bytes", "peak_memory"] {
+        r.as_object_mut().unwrap().remove(key);
+    }
+    for epoch in r["epochs"].as_array_mut().unwrap() {
+        for key in [
+            "train_seconds",
+            "data_seconds",
+            "eval_seconds",
+            "images_per_s",
+        ] {
+            epoch.as_object_mut().unwrap().remove(key);
+        }
+    }
+    r
+}
+
 /// `splitaux data check --json` on `dir`, parsed.
 pub fn check_json(dir: &Path) -> serde_json::Value {
     json_stdout(
