@@ -2,21 +2,25 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use splitaux::backend::BackendKind;
+use splitaux::config::differing_keys;
 use splitaux::config::{ExperimentConfig, Mode};
 use splitaux::data::partition::class_histograms;
 use splitaux::data::{self, DatasetKind, LabelSet, fetch, locate};
 use splitaux::experiment::table::aggregate;
-use splitaux::experiment::{Axis, Sweep, SweepOptions, plot as plots, read_records, run_sweep};
+use splitaux::experiment::{
+    Axis, Shard, Sweep, SweepOptions, plot as plots, read_merged, run_sweep,
+};
 use splitaux::kernels::Kernels;
-use splitaux::model::{AuxKind, CutSpec};
+use splitaux::model::{AUX_HIDDEN, AUX_LAYERS, AuxKind, CutSpec};
 use splitaux::report::{self, Metric, Report, human_bytes};
 use splitaux::run::bench::{BenchConfig, bench};
-use splitaux::run::{PreparedData, RunOptions, run};
+use splitaux::run::{Checkpoint, PreparedData, RunOptions, run};
 
 /// Split learning on CIFAR: classic (coupled) versus decoupled training with an auxiliary loss,
 /// with measured accuracy, bytes across the cut and peak memory.
@@ -57,6 +61,14 @@ pub struct SweepArgs {
     /// Seeds per combination, counting up from train.seed [default: the file's, else 1].
     #[arg(long)]
     pub seeds: Option<usize>,
+    /// Override a base config field by its dotted path before the grid, e.g. --set
+    /// optim.lr=0.05 (repeatable); a key that is also a grid axis is an error.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Run only shard K of N (1-based): every N-th run of the grid starting at the K-th, e.g.
+    /// --shard $SLURM_ARRAY_TASK_ID/4; give each shard its own --out.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
     /// Output folder: runs.jsonl and reports/.
     #[arg(long)]
     pub out: PathBuf,
@@ -79,8 +91,12 @@ pub struct SweepArgs {
 
 #[derive(Debug, Args)]
 pub struct TableArgs {
-    /// The runs.jsonl of a sweep.
-    pub runs: PathBuf,
+    /// One or more runs.jsonl files (e.g. results/shard-*/runs.jsonl), merged.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Merge runs of different splitaux versions or base configurations.
+    #[arg(long)]
+    pub allow_mixed: bool,
     /// Config key of the table rows (or `seed`).
     #[arg(long, default_value = "model.cut")]
     pub rows: String,
@@ -103,8 +119,12 @@ pub enum TableFormat {
 
 #[derive(Debug, Args)]
 pub struct PlotArgs {
-    /// The runs.jsonl of a sweep.
-    pub runs: PathBuf,
+    /// One or more runs.jsonl files (e.g. results/shard-*/runs.jsonl), merged.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Merge runs of different splitaux versions or base configurations.
+    #[arg(long)]
+    pub allow_mixed: bool,
     /// Folder for the SVG files.
     #[arg(long)]
     pub out: PathBuf,
@@ -158,7 +178,19 @@ impl ConfigSource {
 
     /// The training and test images `config` uses (fetched first unless offline).
     fn prepare(&self, config: &ExperimentConfig, interactive: bool) -> Result<PreparedData> {
-        let root = locate::data_root(self.data_dir.as_deref(), Some(config.data.dir.as_path()));
+        self.prepare_from(None, config, interactive)
+    }
+
+    /// As [`Self::prepare`]; `recorded` (a checkpoint's dataset folder) is used when no
+    /// `--data-dir` is given.
+    fn prepare_from(
+        &self,
+        recorded: Option<&Path>,
+        config: &ExperimentConfig,
+        interactive: bool,
+    ) -> Result<PreparedData> {
+        let given = self.data_dir.as_deref().or(recorded);
+        let root = locate::data_root(given, Some(config.data.dir.as_path()));
         let cifar = data::open(
             config.data.dataset,
             config.data.labels,
@@ -188,9 +220,12 @@ pub struct FetchArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Which dataset: cifar10 or cifar100.
-    #[arg(long, default_value = "cifar10", value_parser = parse_name::<DatasetKind>)]
-    pub dataset: DatasetKind,
+    /// Which dataset: cifar10 or cifar100 [default: cifar10].
+    #[arg(value_parser = parse_name::<DatasetKind>, conflicts_with = "dataset_flag")]
+    pub dataset: Option<DatasetKind>,
+    /// The same as the positional DATASET (the older spelling, still accepted).
+    #[arg(long = "dataset", value_name = "DATASET", value_parser = parse_name::<DatasetKind>)]
+    pub dataset_flag: Option<DatasetKind>,
     /// CIFAR-100 labels to count: fine (100 classes) or coarse (20).
     #[arg(long, default_value = "fine", value_parser = parse_name::<LabelSet>)]
     pub labels: LabelSet,
@@ -209,9 +244,13 @@ pub struct TrainArgs {
     /// Override train.mode: coupled or decoupled (train only; compare runs both).
     #[arg(long, value_parser = parse_name::<Mode>)]
     pub mode: Option<Mode>,
-    /// Folder for the JSON report(s) [default: runs/<UTC time>-<mode>].
-    #[arg(long)]
+    /// Folder for the JSON report(s) and checkpoints [default: runs/<UTC time>-<mode>].
+    #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
+    /// Continue the run whose --out folder is DIR from its last checkpoint (a finished run just
+    /// prints its report). --config/--set/--mode, if given, must match the checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
     /// Print the JSON report to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -231,6 +270,12 @@ pub struct BenchArgs {
     /// Auxiliary head: linear, mlp or cnn.
     #[arg(long, default_value = "linear", value_parser = parse_name::<AuxKind>)]
     pub aux: AuxKind,
+    /// mlp head: units of each hidden layer (model.aux_hidden).
+    #[arg(long, default_value_t = AUX_HIDDEN)]
+    pub aux_hidden: usize,
+    /// mlp head: number of hidden layers (model.aux_layers).
+    #[arg(long, default_value_t = AUX_LAYERS)]
+    pub aux_layers: usize,
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     /// Timed steps.
@@ -286,7 +331,11 @@ fn data_fetch(args: FetchArgs) -> Result<()> {
 
 fn data_check(args: CheckArgs) -> Result<()> {
     let root = locate::data_root(args.data_dir.as_deref(), None);
-    let cifar = data::open(args.dataset, args.labels, &root, true, false)?;
+    let dataset = args
+        .dataset
+        .or(args.dataset_flag)
+        .unwrap_or(DatasetKind::Cifar10);
+    let cifar = data::open(dataset, args.labels, &root, true, false)?;
     let classes = cifar.num_classes();
     let train = cifar.train.class_counts(classes);
     let test = cifar.test.class_counts(classes);
@@ -391,36 +440,77 @@ fn data_partition(args: PartitionArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs, compare: bool) -> Result<()> {
-    let mut config = args.source.load()?;
-    if let Some(mode) = args.mode {
-        if compare {
-            bail!("--mode does not apply to compare, which runs both modes");
-        }
-        config.train.mode = mode;
+    if compare && args.mode.is_some() {
+        bail!("--mode does not apply to compare, which runs both modes");
     }
-    let interactive = !args.json && std::io::stdout().is_terminal();
-    let prepared = args.source.prepare(&config, interactive)?;
-    let options = RunOptions {
-        progress: !args.json,
-        multi: None,
+    let (config, out, checkpoints) = match &args.resume {
+        Some(dir) => {
+            let checkpoints = resumable(dir, compare)?;
+            (
+                resumed_config(&args, dir, &checkpoints)?,
+                dir.clone(),
+                checkpoints,
+            )
+        }
+        None => {
+            let mut config = args.source.load()?;
+            if let Some(mode) = args.mode {
+                config.train.mode = mode;
+            }
+            let label = if compare {
+                "compare"
+            } else {
+                config.train.mode.name()
+            };
+            let out = args.out.clone().unwrap_or_else(|| default_out_dir(label));
+            (config, out, Vec::new())
+        }
     };
-    let label = if compare {
-        "compare"
-    } else {
-        config.train.mode.name()
-    };
-    let out = args.out.unwrap_or_else(|| default_out_dir(label));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let interactive = !args.json && std::io::stdout().is_terminal();
 
     let modes: &[Mode] = if compare {
         &[Mode::Coupled, Mode::Decoupled]
     } else {
         std::slice::from_ref(&config.train.mode)
     };
+    let mut prepared = None;
     let mut reports = Vec::new();
     for &mode in modes {
-        let report = run(&config, mode, &prepared, options.clone())?;
-        write_json(&out.join(format!("{}.json", mode.name())), &report)?;
+        let report_path = out.join(format!("{}.json", mode.name()));
+        if args.resume.is_some() && report_path.exists() {
+            // This mode finished before: its report stands.
+            reports.push(read_report(&report_path)?);
+            continue;
+        }
+        let resume = checkpoints
+            .iter()
+            .find(|c| c.meta.config.train.mode == mode)
+            .cloned()
+            .map(Arc::new);
+        let data = match &mut prepared {
+            Some(data) => data,
+            None => {
+                let recorded = resume.as_ref().and_then(|c| c.meta.data_dir.clone());
+                prepared.insert(args.source.prepare_from(
+                    recorded.as_deref(),
+                    &config,
+                    interactive,
+                )?)
+            }
+        };
+        let options = RunOptions {
+            progress: !args.json,
+            multi: None,
+            checkpoint_dir: Some(checkpoint_dir(&out, mode, compare)),
+            resume,
+        };
+        if let Some(dir) = &options.checkpoint_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let report = run(&config, mode, data, options)?;
+        write_json(&report_path, &report)?;
         reports.push(report);
     }
     if args.json {
@@ -448,6 +538,104 @@ fn train(args: TrainArgs, compare: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where a mode's checkpoints go: the output folder itself for `train`, a folder per mode for
+/// `compare`.
+fn checkpoint_dir(out: &Path, mode: Mode, compare: bool) -> PathBuf {
+    if compare {
+        out.join(mode.name())
+    } else {
+        out.to_path_buf()
+    }
+}
+
+/// The checkpoints of the unfinished runs in `dir` (`train --resume` or `compare --resume`);
+/// an error when `dir` holds neither a checkpoint nor a finished report.
+fn resumable(dir: &Path, compare: bool) -> Result<Vec<Checkpoint>> {
+    if !dir.is_dir() {
+        bail!("--resume {}: no such folder", dir.display());
+    }
+    let finished = |mode: Mode| dir.join(format!("{}.json", mode.name())).exists();
+    let mut checkpoints = Vec::new();
+    for mode in [Mode::Coupled, Mode::Decoupled] {
+        // `train` keeps its one checkpoint in the folder itself, whatever its mode.
+        if !compare && mode == Mode::Decoupled {
+            break;
+        }
+        if compare && finished(mode) {
+            continue;
+        }
+        if let Some(checkpoint) = Checkpoint::load_from(&checkpoint_dir(dir, mode, compare))?
+            && !finished(checkpoint.meta.config.train.mode)
+        {
+            checkpoints.push(checkpoint);
+        }
+    }
+    let finished = [Mode::Coupled, Mode::Decoupled]
+        .into_iter()
+        .filter(|&m| finished(m))
+        .count();
+    if checkpoints.is_empty() && finished == 0 {
+        bail!(
+            "--resume {}: nothing to resume (no {} and no report)",
+            dir.display(),
+            splitaux::run::checkpoint::FILE
+        );
+    }
+    Ok(checkpoints)
+}
+
+/// The configuration of the run being resumed: the checkpoint's (or the finished report's);
+/// `--config`, `--set` and `--mode` may restate it but not change it.
+fn resumed_config(
+    args: &TrainArgs,
+    dir: &Path,
+    checkpoints: &[Checkpoint],
+) -> Result<ExperimentConfig> {
+    let mut recorded = match checkpoints.first() {
+        Some(checkpoint) => checkpoint.meta.config.clone(),
+        None => {
+            let report = [Mode::Coupled, Mode::Decoupled]
+                .iter()
+                .map(|m| dir.join(format!("{}.json", m.name())))
+                .find(|p| p.exists())
+                .context("a finished run has its report")?;
+            read_report(&report)?.config
+        }
+    };
+    let source = &args.source;
+    if source.config.is_some() || !source.overrides.is_empty() || args.mode.is_some() {
+        let mut requested = match &source.config {
+            Some(_) => source.load()?,
+            None => {
+                let table = toml::Table::try_from(&recorded)
+                    .context("the checkpoint's configuration as TOML")?;
+                ExperimentConfig::from_base(table, "the checkpoint", &source.overrides)?
+            }
+        };
+        // The mode is checked only when restated (compare runs both).
+        requested.train.mode = args.mode.unwrap_or(recorded.train.mode);
+        let keys = differing_keys(&recorded, &requested);
+        if !keys.is_empty() {
+            bail!(
+                "--resume {}: the run was started with other settings; differing: {}",
+                dir.display(),
+                keys.join(", ")
+            );
+        }
+        // Settings that cannot change the numbers (threads, checkpoint interval) may change.
+        recorded.train.threads = requested.train.threads;
+        recorded.train.checkpoint_every = requested.train.checkpoint_every;
+    }
+    Ok(recorded)
+}
+
+fn read_report(path: &Path) -> Result<Report> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a splitaux report", path.display()))
 }
 
 fn write_json(path: &Path, report: &Report) -> Result<()> {
@@ -491,6 +679,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         depth: args.depth,
         cut: args.cut,
         aux: args.aux,
+        aux_hidden: args.aux_hidden,
+        aux_layers: args.aux_layers,
         batch: args.batch,
         steps: args.steps.max(1),
         warmup: args.warmup,
@@ -539,19 +729,29 @@ impl std::fmt::Display for ExitStatus {
 impl std::error::Error for ExitStatus {}
 
 fn sweep(args: SweepArgs) -> Result<()> {
-    let sweep = Sweep::load(args.config.as_deref(), &args.grid, args.seeds)?;
+    let sweep = Sweep::load(args.config.as_deref(), &args.grid, args.seeds)?
+        .with_overrides(&args.overrides)?;
     let options = SweepOptions {
         data_dir: args.data_dir,
         offline: args.offline,
         retry_failed: args.retry_failed,
         progress: !args.quiet,
+        shard: args.shard.unwrap_or_default(),
     };
     let summary = run_sweep(&sweep, &args.out, &options)?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else if !args.quiet {
+        let shard = if summary.shard.is_whole() {
+            String::new()
+        } else {
+            format!(
+                " shard {} ({} runs in the grid)",
+                summary.shard, summary.grid_runs
+            )
+        };
         eprintln!(
-            "sweep: {} runs, {} skipped (already recorded), {} completed, {} diverged, {} failed; log {}",
+            "sweep{shard}: {} runs, {} skipped (already recorded), {} completed, {} diverged, {} failed; log {}",
             summary.total,
             summary.skipped,
             summary.completed,
@@ -573,10 +773,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
 }
 
 fn table(args: TableArgs) -> Result<()> {
-    let records = read_records(&args.runs)?;
-    if records.is_empty() {
-        bail!("{}: no runs recorded", args.runs.display());
-    }
+    let records = read_merged(&args.runs, args.allow_mixed)?;
     let metrics = if args.metrics.is_empty() {
         vec![
             Metric::TestAccuracy,
@@ -599,10 +796,7 @@ fn table(args: TableArgs) -> Result<()> {
 }
 
 fn plot(args: PlotArgs) -> Result<()> {
-    let records = read_records(&args.runs)?;
-    if records.is_empty() {
-        bail!("{}: no runs recorded", args.runs.display());
-    }
+    let records = read_merged(&args.runs, args.allow_mixed)?;
     for path in plots::plot_all(&records, &args.out)? {
         println!("{}", path.display());
     }

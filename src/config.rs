@@ -10,7 +10,7 @@ use crate::data::partition::{PartitionRule, PartitionSpec};
 use crate::data::{DatasetKind, LabelSet, SubsetRule};
 use crate::federation::ClientSchedule;
 use crate::kernels::Kernels;
-use crate::model::{AuxKind, CutSpec};
+use crate::model::{AUX_HIDDEN, AUX_LAYERS, AuxKind, CutSpec};
 
 /// Everything one run needs. The TOML layout mirrors this structure: `[data]`, `[model]`,
 /// `[train]`, `[optim]`, `[clients]`.
@@ -66,6 +66,11 @@ pub struct ModelConfig {
     pub cut: CutSpec,
     /// Auxiliary head: `linear` (the paper's), `mlp` or `cnn`.
     pub aux: AuxKind,
+    /// `mlp` head only: units of each hidden layer (at least 1).
+    pub aux_hidden: usize,
+    /// `mlp` head only: number of hidden layers (at least 1). The defaults, 128 × 2, are
+    /// splitaux's head; 256 × 3 is the paper authors' released code.
+    pub aux_layers: usize,
     /// Convolution and BatchNorm implementation: `fused` (splitaux's CPU kernels on flex) or
     /// `burn` (burn's modules).
     pub kernels: Kernels,
@@ -77,6 +82,8 @@ impl Default for ModelConfig {
             depth: 20,
             cut: CutSpec::default(),
             aux: AuxKind::Linear,
+            aux_hidden: AUX_HIDDEN,
+            aux_layers: AUX_LAYERS,
             kernels: Kernels::Fused,
         }
     }
@@ -116,6 +123,8 @@ pub struct TrainConfig {
     pub backend: BackendKind,
     /// CPU worker threads (0 = one per core).
     pub threads: usize,
+    /// Write a checkpoint every this many epochs (and after the last); 0 = never.
+    pub checkpoint_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -128,6 +137,7 @@ impl Default for TrainConfig {
             eval_batch_size: 500,
             backend: BackendKind::Flex,
             threads: 0,
+            checkpoint_every: 1,
         }
     }
 }
@@ -242,10 +252,12 @@ impl ClientsConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    // The message carries the cause, so the cause is not also `source()` (a chain printed with
+    // `{:#}` would repeat it).
+    #[error("{path}: cannot read: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
@@ -369,6 +381,16 @@ impl ExperimentConfig {
                 "must be >= 0",
             );
         }
+        if self.model.aux_hidden == 0 {
+            return invalid("model.aux_hidden", "0".into(), "must be at least 1");
+        }
+        if self.model.aux_layers == 0 {
+            return invalid(
+                "model.aux_layers",
+                "0".into(),
+                "must be at least 1 (for a pool and one linear layer, use model.aux = \"linear\")",
+            );
+        }
         crate::model::Cut::resolve(self.model.cut, self.model.depth).map_err(|e| {
             ConfigError::Invalid {
                 key: "model",
@@ -385,11 +407,61 @@ impl ExperimentConfig {
     }
 }
 
+/// Keys that cannot change a run's numbers: where the data lives, the CPU thread count (batch
+/// reductions run in fixed chunks of images, so results do not depend on it) and how often the
+/// run saves a checkpoint.
+pub const RESULT_NEUTRAL_KEYS: [&str; 3] = ["data.dir", "train.threads", "train.checkpoint_every"];
+
+/// A configuration flattened to dotted keys (`optim.lr`) and value text (strings bare).
+pub type Settings = std::collections::BTreeMap<String, String>;
+
+impl ExperimentConfig {
+    /// Every key of the configuration with its value, as [`Settings`].
+    pub fn settings(&self) -> Settings {
+        fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Settings) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (key, value) in map {
+                        let key = if prefix.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        flatten(&key, value, out);
+                    }
+                }
+                serde_json::Value::String(s) => {
+                    out.insert(prefix.to_string(), s.clone());
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let value = serde_json::to_value(self).expect("a config always serializes to JSON");
+        let mut out = Settings::new();
+        flatten("", &value, &mut out);
+        out
+    }
+}
+
+/// The keys, in key order, whose values differ between `a` and `b`, leaving out
+/// [`RESULT_NEUTRAL_KEYS`].
+pub fn differing_keys(a: &ExperimentConfig, b: &ExperimentConfig) -> Vec<String> {
+    let (a, b) = (a.settings(), b.settings());
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|key| !RESULT_NEUTRAL_KEYS.contains(&key.as_str()))
+        .filter(|key| a.get(*key) != b.get(*key))
+        .cloned()
+        .collect()
+}
+
 /// Reads a TOML file into a table; errors name the file.
 pub fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Syntax {
         path: path.to_path_buf(),
@@ -481,6 +553,30 @@ mod tests {
     }
 
     #[test]
+    fn aux_head_shape_keys_have_defaults_and_are_checked() {
+        let c = with(&[]).unwrap();
+        assert_eq!((c.model.aux_hidden, c.model.aux_layers), (128, 2));
+        let c = with(&[
+            "model.aux=mlp",
+            "model.aux_hidden=256",
+            "model.aux_layers=3",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.model.aux, c.model.aux_hidden, c.model.aux_layers),
+            (AuxKind::Mlp, 256, 3)
+        );
+        for (set, named) in [
+            ("model.aux_hidden=0", "model.aux_hidden = 0"),
+            ("model.aux_layers=0", "model.aux_layers = 0"),
+            ("model.aux_layers=-1", "model.aux_layers"),
+        ] {
+            let err = with(&["model.aux=mlp", set]).unwrap_err().to_string();
+            assert!(err.contains(named), "{set}: {err}");
+        }
+    }
+
+    #[test]
     fn impossible_cut_is_rejected() {
         let err = with(&["model.cut=12"]).unwrap_err().to_string();
         assert!(err.contains("0..=9"), "{err}");
@@ -526,5 +622,18 @@ mod tests {
         let text = c.to_toml();
         let back: ExperimentConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn differing_keys_names_changed_settings_but_not_neutral_ones() {
+        let a = ExperimentConfig::default();
+        let mut b = a.clone();
+        b.train.epochs += 1;
+        b.train.threads = 7;
+        b.train.checkpoint_every = 3;
+        b.optim.lr = 0.5;
+        assert_eq!(differing_keys(&a, &b), ["optim.lr", "train.epochs"]);
+        assert!(differing_keys(&a, &a).is_empty());
+        assert_eq!(a.settings()["model.cut"], "shallow");
     }
 }

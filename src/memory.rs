@@ -226,6 +226,13 @@ impl MemoryMeter {
         self.phase = None;
     }
 
+    /// Carries on from the peaks of an earlier part of the run (a resumed checkpoint).
+    pub fn carry_peaks(&mut self, earlier: PeakMemory) {
+        self.peaks.step = self.peaks.step.max(earlier.step);
+        self.peaks.client_phase = self.peaks.client_phase.max(earlier.client_phase);
+        self.peaks.server_phase = self.peaks.server_phase.max(earlier.server_phase);
+    }
+
     /// Peaks so far, or `None` when the backend reports no memory.
     pub fn peaks(&self) -> Option<PeakMemory> {
         (self.source != MemorySource::Unavailable).then_some(self.peaks)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cifar10, cifar100, linked_copy, replace, splitaux};
+use common::{cifar10, cifar100, json_stdout, linked_copy, replace, splitaux};
 use predicates::prelude::*;
 
 #[test]
@@ -16,6 +16,35 @@ fn check_counts_cifar10_per_class() {
     assert_eq!(classes[0]["name"], "airplane");
     let train: u64 = classes.iter().map(|c| c["train"].as_u64().unwrap()).sum();
     assert_eq!(train, 50_000);
+}
+
+/// `data check cifar10` names the dataset as `data fetch cifar10` does; `--dataset cifar10`, the
+/// older spelling, gives the same counts, and the two together are refused.
+#[test]
+fn check_takes_the_dataset_as_an_argument_like_fetch() {
+    fn check(dataset: &[&str], dir: &std::path::Path) -> serde_json::Value {
+        json_stdout(
+            splitaux()
+                .args(["data", "check"])
+                .args(dataset)
+                .args(["--json", "--data-dir"])
+                .arg(dir),
+        )
+    }
+    let positional = check(&["cifar10"], cifar10());
+    assert_eq!(positional["dataset"], "cifar10");
+    assert_eq!(positional["train"], 50_000);
+    assert_eq!(check(&["--dataset", "cifar10"], cifar10()), positional);
+    assert_eq!(check(&[], cifar10()), positional, "cifar10 is the default");
+    let cifar100_json = check(&["cifar100"], cifar100());
+    assert_eq!(cifar100_json["dataset"], "cifar100");
+    assert_eq!(cifar100_json["classes"].as_array().unwrap().len(), 100);
+    splitaux()
+        .args(["data", "check", "cifar10", "--dataset", "cifar100"])
+        .assert()
+        .failure()
+        .code(2)
+        .stderr(predicate::str::contains("cannot be used with"));
 }
 
 #[test]
@@ -159,12 +188,22 @@ fn unreadable_file_is_reported() {
     let dir = linked_copy(cifar10());
     std::fs::remove_file(dir.path().join("data_batch_1.bin")).unwrap();
     std::fs::create_dir(dir.path().join("data_batch_1.bin")).unwrap();
-    splitaux()
+    let assert = splitaux()
         .args(["data", "check", "--data-dir"])
         .arg(dir.path())
         .assert()
         .failure()
         .stderr(predicate::str::contains("data_batch_1.bin: cannot read"));
+    // The OS's reason, quoted once.
+    let os = std::fs::read(dir.path().join("data_batch_1.bin"))
+        .unwrap_err()
+        .to_string();
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
+    assert_eq!(
+        stderr.matches(os.as_str()).count(),
+        1,
+        "`{os}` once in: {stderr}"
+    );
 }
 
 #[test]

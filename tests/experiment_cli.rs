@@ -357,3 +357,340 @@ fn clients_count_is_a_table_axis_with_weight_bytes() {
         .assert()
         .success();
 }
+
+/// `splitaux sweep` of the tiny base file into `dir/<out>`.
+fn sweep_to(dir: &Path, out: &str, extra: &[&str]) -> assert_cmd::assert::Assert {
+    splitaux()
+        .args(["sweep", "--offline", "--config"])
+        .arg(base_file(dir))
+        .arg("--out")
+        .arg(dir.join(out))
+        .arg("--data-dir")
+        .arg(cifar10())
+        .args(extra)
+        .assert()
+}
+
+fn ids(log: &Path) -> Vec<String> {
+    lines(log)
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `splitaux table FILES… EXTRA…`: its standard output.
+fn table_of<P: AsRef<std::ffi::OsStr>>(files: &[P], extra: &[&str]) -> String {
+    let out = splitaux()
+        .arg("table")
+        .args(files)
+        .args(extra)
+        .assert()
+        .success();
+    String::from_utf8(out.get_output().stdout.clone()).unwrap()
+}
+
+/// Every metric that is the same in two runs of one seed (all but memory and time).
+const DETERMINISTIC_METRICS: [&str; 16] = [
+    "--metric",
+    "test-accuracy",
+    "--metric",
+    "aux-accuracy",
+    "--metric",
+    "bytes-per-epoch",
+    "--metric",
+    "cut-bytes",
+    "--metric",
+    "bytes-total",
+    "--metric",
+    "bytes-up",
+    "--metric",
+    "bytes-down",
+    "--metric",
+    "weight-bytes",
+];
+
+#[test]
+fn shards_run_every_run_once_and_merge_into_the_unsharded_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = [
+        "--grid",
+        "train.mode=coupled,decoupled",
+        "--grid",
+        "model.cut=0,1",
+        "--quiet",
+        "--json",
+    ];
+    let summary = |out: &str, shard: Option<&str>| -> Value {
+        let mut args = grid.to_vec();
+        if let Some(shard) = shard {
+            args.extend(["--shard", shard]);
+        }
+        let assert = sweep_to(dir.path(), out, &args).success();
+        serde_json::from_slice(&assert.get_output().stdout).unwrap()
+    };
+    let whole = summary("whole", None);
+    assert_eq!(whole["shard"], json!({"index": 1, "count": 1}));
+    assert_eq!(
+        (whole["total"].clone(), whole["grid_runs"].clone()),
+        (json!(4), json!(4))
+    );
+    for k in [1, 2] {
+        let shard = summary(&format!("shard-{k}"), Some(&format!("{k}/2")));
+        assert_eq!(shard["shard"], json!({"index": k, "count": 2}));
+        assert_eq!(shard["total"], 2);
+        assert_eq!(shard["grid_runs"], 4);
+        assert_eq!(shard["completed"], 2);
+    }
+
+    // Shard K of 2 holds the runs at positions K−1, K+1 of the canonical order: together every
+    // run exactly once.
+    let all = ids(&dir.path().join("whole/runs.jsonl"));
+    let first = ids(&dir.path().join("shard-1/runs.jsonl"));
+    let second = ids(&dir.path().join("shard-2/runs.jsonl"));
+    assert_eq!(all.len(), 4);
+    assert_eq!(first, [all[0].clone(), all[2].clone()]);
+    assert_eq!(second, [all[1].clone(), all[3].clone()]);
+    let mut together: Vec<String> = first.iter().chain(&second).cloned().collect();
+    together.sort();
+    let mut expected = all.clone();
+    expected.sort();
+    assert_eq!(together, expected);
+
+    // Resuming a shard skips its own finished runs and runs nothing else.
+    let again = summary("shard-1", Some("1/2"));
+    assert_eq!(
+        (again["skipped"].clone(), again["completed"].clone()),
+        (json!(2), json!(0))
+    );
+    assert_eq!(ids(&dir.path().join("shard-1/runs.jsonl")).len(), 2);
+
+    // The merged table of the two shards is the unsharded sweep's table (this grid's rows and
+    // columns first appear in the same order either way), in every format.
+    let whole_log = dir.path().join("whole/runs.jsonl");
+    let shard_logs = [
+        dir.path().join("shard-1/runs.jsonl"),
+        dir.path().join("shard-2/runs.jsonl"),
+    ];
+    for format in ["json", "md", "csv"] {
+        let mut extra = DETERMINISTIC_METRICS.to_vec();
+        extra.extend(["--format", format]);
+        let unsharded = table_of(&[&whole_log], &extra);
+        let merged = table_of(&[&shard_logs[0], &shard_logs[1]], &extra);
+        assert_eq!(merged, unsharded, "--format {format}");
+    }
+    let table: Value = serde_json::from_str(&table_of(
+        &[&shard_logs[0], &shard_logs[1]],
+        &["--format", "json", "--metric", "test-accuracy"],
+    ))
+    .unwrap();
+    assert_eq!(table["rows"], json!(["0", "1"]));
+    assert_eq!(table["cols"], json!(["coupled", "decoupled"]));
+    assert_eq!(table["cells"].as_array().unwrap().len(), 4);
+    splitaux()
+        .arg("plot")
+        .args(&shard_logs)
+        .arg("--out")
+        .arg(dir.path().join("plots"))
+        .assert()
+        .success();
+}
+
+#[test]
+fn bad_shard_values_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0/3", "4/3", "1/0", "x", "2"] {
+        sweep_to(dir.path(), "out", &["--shard", bad])
+            .failure()
+            .stderr(
+                predicate::str::contains(format!("'{bad}'"))
+                    .and(predicate::str::contains("--shard")),
+            );
+    }
+    assert!(!dir.path().join("out").exists(), "nothing ran");
+}
+
+#[test]
+fn merged_files_give_the_table_of_their_lines_and_a_run_in_two_files_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = hand_written(dir.path());
+    let text = std::fs::read_to_string(&whole).unwrap();
+    let records: Vec<&str> = text.lines().collect();
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    std::fs::write(&a, records[..3].join("\n") + "\n").unwrap();
+    std::fs::write(&b, records[3..].join("\n") + "\n").unwrap();
+    for format in ["json", "md"] {
+        assert_eq!(
+            table_of(&[&a, &b], &["--format", format]),
+            table_of(&[&whole], &["--format", format])
+        );
+    }
+
+    // The same run in two files: named with both files, with or without --allow-mixed.
+    let copy = dir.path().join("copy.jsonl");
+    std::fs::copy(&whole, &copy).unwrap();
+    for extra in [&[][..], &["--allow-mixed"][..]] {
+        splitaux()
+            .arg("table")
+            .arg(&whole)
+            .arg(&copy)
+            .args(extra)
+            .assert()
+            .failure()
+            .stderr(
+                predicate::str::contains("run `model.cut=shallow,train.mode=coupled,seed=0`")
+                    .and(predicate::str::contains(whole.display().to_string()))
+                    .and(predicate::str::contains(copy.display().to_string())),
+            );
+    }
+    splitaux()
+        .arg("plot")
+        .arg(&whole)
+        .arg(&copy)
+        .arg("--out")
+        .arg(dir.path().join("plots"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("is in both"));
+    // A file with no runs is named.
+    let missing = dir.path().join("missing.jsonl");
+    splitaux()
+        .arg("table")
+        .arg(&whole)
+        .arg(&missing)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(format!(
+            "{}: no runs recorded",
+            missing.display()
+        )));
+}
+
+#[test]
+fn runs_of_different_versions_merge_only_with_allow_mixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = hand_written(dir.path());
+    let text = std::fs::read_to_string(&ours).unwrap();
+    assert!(text.contains("\"splitaux_version\":\"test\""));
+    let theirs = dir.path().join("theirs.jsonl");
+    std::fs::write(
+        &theirs,
+        text.replace(
+            "\"splitaux_version\":\"test\"",
+            "\"splitaux_version\":\"0.0.1\"",
+        ),
+    )
+    .unwrap();
+    splitaux()
+        .arg("table")
+        .arg(&ours)
+        .arg(&theirs)
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("different splitaux versions")
+                .and(predicate::str::contains(ours.display().to_string()))
+                .and(predicate::str::contains(theirs.display().to_string()))
+                .and(predicate::str::contains("--allow-mixed")),
+        );
+    let table: Value = serde_json::from_str(&table_of(
+        &[&ours, &theirs],
+        &[
+            "--allow-mixed",
+            "--format",
+            "json",
+            "--metric",
+            "test-accuracy",
+        ],
+    ))
+    .unwrap();
+    let cell = table["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["row"] == "shallow" && c["col"] == "coupled")
+        .cloned()
+        .unwrap();
+    assert_eq!(cell["n"], 4, "both files' runs: {cell}");
+}
+
+#[test]
+fn sweep_set_overrides_the_base_and_mixed_bases_merge_only_with_allow_mixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = ["--grid", "train.mode=coupled", "--quiet"];
+    // A --set of a grid axis is refused before anything runs.
+    sweep_to(
+        dir.path(),
+        "axis",
+        &[
+            "--grid",
+            "train.mode=coupled,decoupled",
+            "--set",
+            "train.mode=coupled",
+        ],
+    )
+    .failure()
+    .stderr(
+        predicate::str::contains("--set train.mode=coupled")
+            .and(predicate::str::contains("grid axis")),
+    );
+    assert!(!dir.path().join("axis").exists());
+
+    sweep_to(dir.path(), "default-lr", &one).success();
+    let mut small = one.to_vec();
+    small.extend(["--set", "optim.lr=0.05"]);
+    sweep_to(dir.path(), "small-lr", &small).success();
+    let default_log = dir.path().join("default-lr/runs.jsonl");
+    let small_log = dir.path().join("small-lr/runs.jsonl");
+    let records = lines(&small_log);
+    let record = &records[0];
+    assert_eq!(record["id"], "train.mode=coupled,seed=0");
+    assert_eq!(record["report"]["config"]["optim"]["lr"], 0.05);
+    assert_eq!(
+        record["report"]["config"]["model"]["depth"], 8,
+        "the file still applies"
+    );
+    assert_eq!(record["base"]["optim"]["lr"], 0.05);
+    assert_eq!(
+        record["base"]["train"]["mode"], "decoupled",
+        "the base, before the grid"
+    );
+    assert!(record["splitaux_version"].is_string());
+
+    // Resuming a log with another base is refused (it would skip runs of the other base).
+    sweep_to(dir.path(), "default-lr", &small).failure().stderr(
+        predicate::str::contains("another base configuration")
+            .and(predicate::str::contains("optim.lr")),
+    );
+    assert_eq!(lines(&default_log).len(), 1);
+
+    // Merging them: refused, naming the key and both files; with --allow-mixed, one run each
+    // (the same id under two bases is two runs), told apart by optim.lr.
+    splitaux()
+        .arg("table")
+        .arg(&default_log)
+        .arg(&small_log)
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("different base configurations")
+                .and(predicate::str::contains("`optim.lr` is 0.1"))
+                .and(predicate::str::contains(default_log.display().to_string()))
+                .and(predicate::str::contains(small_log.display().to_string()))
+                .and(predicate::str::contains("--allow-mixed")),
+        );
+    let table: Value = serde_json::from_str(&table_of(
+        &[&default_log, &small_log],
+        &[
+            "--allow-mixed",
+            "--rows",
+            "optim.lr",
+            "--format",
+            "json",
+            "--metric",
+            "test-accuracy",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(table["rows"], json!(["0.1", "0.05"]));
+    assert_eq!(table["cells"].as_array().unwrap().len(), 2);
+}

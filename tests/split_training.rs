@@ -10,7 +10,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use splitaux::config::{ExperimentConfig, Mode, OptimConfig, Schedule};
 use splitaux::data::{Normalization, Split};
 use splitaux::kernels::Kernels;
-use splitaux::model::{AuxKind, CutSpec, SplitResNetConfig, cross_entropy};
+use splitaux::model::{AUX_HIDDEN, AUX_LAYERS, AuxKind, CutSpec, SplitResNetConfig, cross_entropy};
 use splitaux::party::optim::build_optimizer;
 use splitaux::party::{Rates, StepLosses};
 use splitaux::run::RunSetup;
@@ -71,6 +71,8 @@ fn config(cut: usize) -> SplitResNetConfig {
         classes: 10,
         cut: CutSpec::Blocks(cut),
         aux: AuxKind::Linear,
+        aux_hidden: AUX_HIDDEN,
+        aux_layers: AUX_LAYERS,
         kernels: Kernels::Fused,
     }
 }

@@ -163,6 +163,77 @@ fn config_file_errors_name_the_key() {
         .stderr(predicate::str::contains("model.depth = 21"));
 }
 
+/// Every command that reads `--config` names the missing file and quotes the OS error once.
+#[test]
+fn missing_config_file_prints_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    // What the OS says, exactly as the binary quotes it.
+    let os = std::fs::read_to_string(&path).unwrap_err().to_string();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["train"],
+        &["compare"],
+        &["data", "partition"],
+        &["sweep", "--out", out],
+    ];
+    for command in commands {
+        let assert = splitaux()
+            .args(command)
+            .args(["--offline", "--config"])
+            .arg(&path)
+            .assert()
+            .failure()
+            .code(1);
+        let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
+        assert!(stderr.starts_with("error: "), "{command:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{command:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("absent.toml: cannot read: "),
+            "{command:?}: {stderr}"
+        );
+        assert_eq!(
+            stderr.matches(os.as_str()).count(),
+            1,
+            "{command:?}: `{os}` once in: {stderr}"
+        );
+    }
+}
+
+/// The auxiliary head's shape reaches the model: `mlp` 256 × 3 has the hand-counted parameters
+/// at the shallow cut of ResNet-8 (16 channels), and a zero width is refused naming the key.
+#[test]
+fn aux_head_shape_keys_reach_the_model() {
+    let out = tempfile::tempdir().unwrap();
+    let r = train(
+        &[
+            "--mode",
+            "decoupled",
+            "--set",
+            "model.aux=mlp",
+            "--set",
+            "model.aux_hidden=256",
+            "--set",
+            "model.aux_layers=3",
+        ],
+        out.path(),
+    );
+    // 64 → 256, 256 → 256 twice, 256 → 10, three BatchNorms of 256 (4 values a unit).
+    let expected: u64 = (64 * 256 + 256) + 2 * (256 * 256 + 256) + (256 * 10 + 10) + 3 * 4 * 256;
+    assert_eq!(r["parameters"]["aux_head"], expected);
+    assert_eq!(r["config"]["model"]["aux_hidden"], 256);
+    splitaux()
+        .args(["train", "--offline", "--set", "model.aux_hidden=0"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("model.aux_hidden = 0"));
+}
+
 #[test]
 fn presets_parse() {
     use splitaux::experiment::{Sweep, expand};

@@ -108,10 +108,12 @@ impl DatasetKind {
 pub enum DataError {
     #[error("{path}: file not found")]
     Missing { path: PathBuf },
-    #[error("{path}: cannot read: {source}")]
+    // The message carries the cause, so the cause is not also `source()` (a chain printed with
+    // `{:#}` would repeat it).
+    #[error("{path}: cannot read: {cause}")]
     Unreadable {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "{path}: {len} bytes is not a whole number of {record}-byte records (corrupt or truncated file)"
@@ -301,13 +303,13 @@ pub fn load(dir: &Path, kind: DatasetKind, labels: LabelSet) -> Result<Cifar, Da
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
-    fs::read(path).map_err(|source| match source.kind() {
+    fs::read(path).map_err(|cause| match cause.kind() {
         std::io::ErrorKind::NotFound => DataError::Missing {
             path: path.to_path_buf(),
         },
         _ => DataError::Unreadable {
             path: path.to_path_buf(),
-            source,
+            cause,
         },
     })
 }

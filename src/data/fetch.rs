@@ -78,14 +78,16 @@ pub enum FetchError {
     },
     #[error("{path} already exists; remove it first to fetch again")]
     AlreadyExists { path: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    // The message carries the cause, so the cause is not also `source()` (a chain printed with
+    // `{:#}` would repeat it).
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io {
+    move |cause| FetchError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

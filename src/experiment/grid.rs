@@ -1,4 +1,5 @@
-//! Sweep definitions: a base config, grid axes over any config key, and a number of seeds.
+//! Sweep definitions: a base config (a file plus `--set` overrides), grid axes over any config
+//! key, and a number of seeds; the canonical order of the runs ([`expand`]).
 //!
 //! A sweep file is an ordinary config file with an extra `[sweep]` table:
 //!
@@ -138,6 +139,9 @@ pub struct Sweep {
     pub origin: PathBuf,
     pub axes: Vec<Axis>,
     pub seeds: usize,
+    /// `--set key=value` overrides of the base config, applied before each run's axis values
+    /// and seed; none names a grid axis (see [`with_overrides`](Self::with_overrides)).
+    pub overrides: Vec<String>,
 }
 
 impl Sweep {
@@ -184,30 +188,85 @@ impl Sweep {
             origin,
             axes,
             seeds: seeds.or(section.seeds).unwrap_or(1),
+            overrides: Vec::new(),
         })
     }
 
-    /// The config of one combination; errors name the offending key.
-    pub fn config_for(&self, combination: &Combination) -> Result<ExperimentConfig, ConfigError> {
+    /// Adds `--set key=value` overrides to the base config (TOML values, as `train --set`):
+    /// every run starts from the base with them, then takes its axis values and seed
+    /// (`--set train.seed=N` moves the first seed).
+    ///
+    /// An override of a key that is also a grid axis (of the file or `--grid`; or a key inside
+    /// or above one) is an error rather than silently beaten by the axis: to run one value of an
+    /// axis, give it as the axis (`--grid key=value`). Unknown keys, wrong types and values out
+    /// of range are errors here, naming the key — except a range check that a grid axis may
+    /// settle (an impossible cut with a depth axis), which waits for each run's config.
+    pub fn with_overrides(mut self, overrides: &[String]) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        for assignment in overrides {
+            let (key, value) = assignment
+                .split_once('=')
+                .ok_or_else(|| ConfigError::SetSyntax(assignment.clone()))?;
+            let key = key.trim();
+            if let Some(axis) = self.axes.iter().find(|a| overlaps(key, &a.key)) {
+                return Err(ConfigError::Key {
+                    origin: format!("--set {assignment}"),
+                    key: axis.key.clone(),
+                    message: format!(
+                        "is also a grid axis of this sweep ({}); to run one value, give it as the axis: --grid {key}={}",
+                        axis.values.join(", "),
+                        value.trim()
+                    ),
+                });
+            }
+        }
+        self.overrides.extend(overrides.iter().cloned());
+        match self.base_config() {
+            Ok(_) => Ok(self),
+            // An axis may make it valid (a depth axis for a cut, say): each run is checked.
+            Err(ConfigError::Invalid { key, .. })
+                if self.axes.iter().any(|a| overlaps(key, &a.key)) =>
+            {
+                Ok(self)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The base config: the file with the `--set` overrides, before any axis value or seed.
+    pub fn base_config(&self) -> Result<ExperimentConfig, ConfigError> {
         ExperimentConfig::from_base(
             self.base.clone(),
             &self.origin.display().to_string(),
-            &combination.overrides(),
+            &self.overrides,
         )
+    }
+
+    /// The config of one combination: the base, its `--set` overrides, then the combination's
+    /// axis values and seed. Errors name the offending key.
+    pub fn config_for(&self, combination: &Combination) -> Result<ExperimentConfig, ConfigError> {
+        let mut sets = self.overrides.clone();
+        sets.extend(combination.overrides());
+        ExperimentConfig::from_base(self.base.clone(), &self.origin.display().to_string(), &sets)
     }
 
     /// The seed the base config starts from.
     pub fn first_seed(&self) -> Result<u64, ConfigError> {
-        Ok(
-            ExperimentConfig::from_base(
-                self.base.clone(),
-                &self.origin.display().to_string(),
-                &[],
-            )?
-            .train
-            .seed,
-        )
+        Ok(self.base_config()?.train.seed)
     }
+}
+
+/// Whether two dotted keys name the same setting, or one lies inside the other (`model` and
+/// `model.cut`).
+fn overlaps(a: &str, b: &str) -> bool {
+    let inside = |inner: &str, outer: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('.'))
+    };
+    a == b || inside(a, b) || inside(b, a)
 }
 
 /// A TOML value as `--set` text (strings bare, everything else as TOML).
@@ -270,5 +329,92 @@ mod tests {
         std::fs::write(&path, "[sweep]\nrepeats = 2\n").unwrap();
         let err = Sweep::load(Some(&path), &[], None).unwrap_err().to_string();
         assert!(err.contains("repeats"), "{err}");
+    }
+
+    fn sets(overrides: &[&str]) -> Vec<String> {
+        overrides.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn set_overrides_apply_to_the_base_before_the_grid() {
+        let sweep = Sweep::load(None, &[axis("model.cut=0,1")], None)
+            .unwrap()
+            .with_overrides(&sets(&["model.depth=8", "optim.lr=0.05", "train.seed=3"]))
+            .unwrap();
+        let base = sweep.base_config().unwrap();
+        assert_eq!((base.model.depth, base.optim.lr), (8, 0.05));
+        // --set train.seed moves the first seed; each run still gets its own.
+        assert_eq!(sweep.first_seed().unwrap(), 3);
+        let runs = expand(&sweep.axes, 2, sweep.first_seed().unwrap());
+        assert_eq!(runs[3].id(), "model.cut=1,seed=4");
+        let config = sweep.config_for(&runs[3]).unwrap();
+        assert_eq!(config.model.cut, crate::model::CutSpec::Blocks(1));
+        assert_eq!((config.model.depth, config.optim.lr), (8, 0.05));
+        assert_eq!(config.train.seed, 4);
+        // No overrides: the sweep as loaded.
+        let plain = Sweep::load(None, &[], None)
+            .unwrap()
+            .with_overrides(&[])
+            .unwrap();
+        assert!(plain.overrides.is_empty());
+    }
+
+    #[test]
+    fn set_of_a_grid_axis_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "[sweep.grid]\n\"train.mode\" = [\"coupled\", \"decoupled\"]\n",
+        )
+        .unwrap();
+        for (axes, set) in [
+            (vec![], "train.mode=coupled"),
+            (vec![axis("model.cut=0,1")], "model.cut=1"),
+            (vec![axis("model.cut=0,1")], "model={cut = 1}"),
+        ] {
+            let err = Sweep::load(Some(&path), &axes, None)
+                .unwrap()
+                .with_overrides(&sets(&[set]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("--set {set}")), "{err}");
+            assert!(err.contains("grid axis"), "{err}");
+        }
+        let err = Sweep::load(Some(&path), &[], None)
+            .unwrap()
+            .with_overrides(&sets(&["train.mode=coupled"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--grid train.mode=coupled"), "{err}");
+    }
+
+    #[test]
+    fn set_errors_are_named_unless_a_grid_axis_may_settle_them() {
+        let load = |set: &str| {
+            Sweep::load(None, &[axis("model.cut=0,1")], None)
+                .unwrap()
+                .with_overrides(&sets(&[set]))
+        };
+        let err = load("optim.rate=0.1").unwrap_err().to_string();
+        assert!(err.contains("optim.rate"), "{err}");
+        let err = load("train.epochs=many").unwrap_err().to_string();
+        assert!(err.contains("train.epochs"), "{err}");
+        let err = load("noequals").unwrap_err().to_string();
+        assert!(err.contains("noequals"), "{err}");
+        let err = load("optim.lr=-1").unwrap_err().to_string();
+        assert!(err.contains("optim.lr = -1"), "{err}");
+        // Cut 12 does not fit the base's ResNet-20 (9 blocks) but fits every depth of the grid.
+        let sweep = Sweep::load(None, &[axis("model.depth=56,110")], None)
+            .unwrap()
+            .with_overrides(&sets(&["model.cut=12"]))
+            .unwrap();
+        assert!(sweep.base_config().is_err());
+        for run in expand(&sweep.axes, 1, 0) {
+            assert_eq!(
+                sweep.config_for(&run).unwrap().model.cut,
+                crate::model::CutSpec::Blocks(12)
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::ExperimentConfig;
 use crate::report::{Report, RunStatus};
 
 /// One line of `runs.jsonl`.
@@ -22,14 +23,25 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// The full report (absent when the run failed before training).
     pub report: Option<Report>,
+    /// The splitaux version that ran it (absent in records of older versions, which carry it
+    /// only in their report).
+    #[serde(default)]
+    pub splitaux_version: Option<String>,
+    /// The sweep's base config: its file with the `--set` overrides, before the grid axes and
+    /// seeds (absent in records of older versions, and when the base alone is not a valid
+    /// config). `table` and `plot` compare it to refuse merging runs of different sweeps.
+    #[serde(default)]
+    pub base: Option<ExperimentConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("{path}: {source}")]
+    // The message carries the cause, so the cause is not also `source()` (a chain printed with
+    // `{:#}` would repeat it).
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: line {line} is not a run record: {message}")]
     BadLine {
@@ -40,9 +52,9 @@ pub enum LogError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
-    move |source| LogError::Io {
+    move |cause| LogError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -126,6 +138,8 @@ mod tests {
             status: RunStatus::Failed,
             error: Some("boom".into()),
             report: None,
+            splitaux_version: Some(crate::VERSION.into()),
+            base: Some(ExperimentConfig::default()),
         }
     }
 
@@ -165,5 +179,20 @@ mod tests {
         std::fs::write(&path, "garbage\n").unwrap();
         let err = read_records(&path).unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn records_round_trip_and_older_records_read_without_version_and_base() {
+        let r = record("a");
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.contains("\"splitaux_version\"") && line.contains("\"base\""),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<RunRecord>(&line).unwrap(), r);
+        let old = r#"{"id":"a","axes":[["train.mode","coupled"]],"seed":0,"status":"failed","error":"boom","report":null}"#;
+        let old: RunRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((old.splitaux_version, old.base), (None, None));
+        assert_eq!(old.id, "a");
     }
 }

@@ -4,7 +4,7 @@ pub mod aux_head;
 pub mod resnet;
 pub mod split;
 
-pub use aux_head::{AuxHead, AuxHeadConfig, AuxKind};
+pub use aux_head::{AUX_HIDDEN, AUX_LAYERS, AuxHead, AuxHeadConfig, AuxKind};
 pub use resnet::ShapeError;
 pub use split::{ClientModel, ClientNet, Cut, CutPreset, CutSpec, ServerNet, SplitResNetConfig};
 

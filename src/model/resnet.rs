@@ -33,7 +33,7 @@ fn conv3x3(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
         .init(device)
 }
 
-/// Validation errors of a ResNet shape.
+/// Validation errors of a ResNet shape, or of the shape of its auxiliary head.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShapeError {
     #[error(
@@ -48,6 +48,12 @@ pub enum ShapeError {
         depth: usize,
         total: usize,
     },
+    #[error("model.aux_hidden = {0}: the mlp auxiliary head needs at least 1 hidden unit")]
+    AuxHidden(usize),
+    #[error(
+        "model.aux_layers = {0}: the mlp auxiliary head needs at least 1 hidden layer (for a pool and one linear layer, use model.aux = \"linear\")"
+    )]
+    AuxLayers(usize),
 }
 
 /// Residual blocks per stage of a ResNet of `depth`.

@@ -161,6 +161,10 @@ pub struct SplitResNetConfig {
     pub classes: usize,
     pub cut: CutSpec,
     pub aux: AuxKind,
+    /// `mlp` head: units of each hidden layer (`model.aux_hidden`).
+    pub aux_hidden: usize,
+    /// `mlp` head: number of hidden layers (`model.aux_layers`).
+    pub aux_layers: usize,
     /// Which implementation runs convolutions and BatchNorms.
     pub kernels: Kernels,
 }
@@ -182,12 +186,9 @@ impl SplitResNetConfig {
         let fc = LinearConfig::new(STAGE_WIDTHS[2], self.classes).init(device);
         super::materialize(&fc);
         let server_blocks = blocks.split_off(cut.blocks);
-        let aux = AuxHeadConfig {
-            kind: self.aux,
-            channels: cut.channels(),
-            classes: self.classes,
-        }
-        .init(device);
+        let aux = AuxHeadConfig::new(self.aux, cut.channels(), self.classes)
+            .with_shape(self.aux_hidden, self.aux_layers)
+            .init(device)?;
         super::materialize(&aux);
         Ok((
             ClientModel {
@@ -206,6 +207,7 @@ impl SplitResNetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::aux_head::{AUX_HIDDEN, AUX_LAYERS};
 
     #[test]
     fn presets_of_resnet20_and_110() {
@@ -238,6 +240,8 @@ mod tests {
                 classes: 10,
                 cut: CutSpec::Blocks(blocks),
                 aux: AuxKind::Linear,
+                aux_hidden: AUX_HIDDEN,
+                aux_layers: AUX_LAYERS,
                 kernels: Kernels::Fused,
             };
             let (client, server, cut) = config.init(&device).unwrap();

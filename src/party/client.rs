@@ -9,9 +9,9 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 
 use super::PartyError;
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, Ledger};
 use super::optim::build_optimizer;
-use super::state::{self, load_optimizer, optimizer_bytes};
+use super::state::{self, ModelState, load_optimizer, optimizer_bytes};
 use super::trainable::Trainable;
 use super::update::{AfterSend, ClientUpdate};
 use crate::config::OptimConfig;
@@ -303,6 +303,85 @@ impl ClientParty {
             kind: MessageKind::Weights,
             data: TensorData::new(values, [n]),
         })
+    }
+
+    /// The model this client holds, for a checkpoint: its values (with the auxiliary head when
+    /// that travels) and its optimizer's state; `None` when it holds no model.
+    pub fn model_state(&self) -> Result<Option<ModelState>, PartyError> {
+        let Some(model) = &self.model else {
+            return Ok(None);
+        };
+        // BatchNorm running statistics lag one update until synchronized; `valid` syncs them.
+        drop(model.model().valid());
+        let weights = client_state(model.model(), self.update.carries_aux_head());
+        let optimizer = optimizer_bytes(model.optimizer()).map_err(|source| PartyError::Model {
+            peer: format!("client {}", self.id),
+            source,
+        })?;
+        Ok(Some(ModelState { weights, optimizer }))
+    }
+
+    /// Puts back what [`Self::model_state`] saved: afterwards this client holds `state`'s model
+    /// and optimizer, or no model when `state` is `None`.
+    pub fn restore_model(&mut self, state: Option<&ModelState>) -> Result<(), PartyError> {
+        if let Some(model) = self.model.take() {
+            self.template = Some(model.into_model());
+        }
+        let Some(state) = state else {
+            return Ok(());
+        };
+        let template = self.template.take().ok_or(PartyError::State(format!(
+            "client {} has no model to load into",
+            self.id
+        )))?;
+        let model_error = |source| PartyError::Model {
+            peer: "checkpoint".into(),
+            source,
+        };
+        let model = load_client_state(template, &state.weights, self.update.carries_aux_head())
+            .map_err(model_error)?;
+        let optimizer = load_optimizer(build_optimizer(&self.optim), state.optimizer.clone())
+            .map_err(model_error)?;
+        self.model = Some(Trainable::new(model, optimizer));
+        Ok(())
+    }
+
+    /// What each of this client's endpoints has counted (to the server, to the next client,
+    /// from the previous one).
+    pub fn ledgers(&self) -> Vec<Ledger> {
+        [
+            Some(&self.to_server),
+            self.to_next.as_ref(),
+            self.from_prev.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(Endpoint::ledger)
+        .collect()
+    }
+
+    /// Continues counting from [`Self::ledgers`] of an earlier process.
+    pub fn restore_ledgers(&mut self, ledgers: &[Ledger]) -> Result<(), PartyError> {
+        let ends: Vec<&mut Endpoint> = [
+            Some(&mut self.to_server),
+            self.to_next.as_mut(),
+            self.from_prev.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if ends.len() != ledgers.len() {
+            return Err(PartyError::State(format!(
+                "client {} has {} links, the checkpoint counted {}",
+                self.id,
+                ends.len(),
+                ledgers.len()
+            )));
+        }
+        for (end, ledger) in ends.into_iter().zip(ledgers) {
+            end.restore_ledger(*ledger);
+        }
+        Ok(())
     }
 
     /// Everything this client sent and received, by kind (sent frames `up`, received `down`).

@@ -1,6 +1,8 @@
 //! A party's end of a link: encodes messages, counts their bytes, and moves the frames over a
 //! [`Transport`].
 
+use serde::{Deserialize, Serialize};
+
 use crate::protocol::{Bytes, Direction, Message};
 use crate::transport::Transport;
 
@@ -67,4 +69,25 @@ impl Endpoint {
     pub fn received(&self) -> Bytes {
         self.received
     }
+
+    /// Both counters, to be saved in a checkpoint.
+    pub fn ledger(&self) -> Ledger {
+        Ledger {
+            sent: self.sent,
+            received: self.received,
+        }
+    }
+
+    /// Continues counting from a saved ledger.
+    pub fn restore_ledger(&mut self, ledger: Ledger) {
+        self.sent = ledger.sent;
+        self.received = ledger.received;
+    }
+}
+
+/// What an endpoint has counted so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    pub sent: Bytes,
+    pub received: Bytes,
 }

@@ -8,9 +8,9 @@ use burn::module::Module;
 use burn::tensor::{Device, TensorData};
 
 use super::PartyError;
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, Ledger};
 use super::optim::build_optimizer;
-use super::state::{flatten, load_flat};
+use super::state::{ModelState, flatten, load_flat, load_optimizer, optimizer_bytes};
 use super::trainable::{Trainable, loss_value};
 use crate::config::OptimConfig;
 use crate::federation::fedavg;
@@ -218,6 +218,73 @@ impl ServerParty {
         })?;
         let old = self.model.replace_model(global);
         self.templates = models.chain(std::iter::once(old)).collect();
+        Ok(())
+    }
+
+    /// The global server model and its optimizer's state, for a checkpoint.
+    pub fn model_state(&self) -> Result<ModelState, PartyError> {
+        // BatchNorm running statistics lag one update until synchronized; `valid` syncs them.
+        drop(self.model.model().valid());
+        let optimizer =
+            optimizer_bytes(self.model.optimizer()).map_err(|source| PartyError::Model {
+                peer: "server".into(),
+                source,
+            })?;
+        Ok(ModelState {
+            weights: flatten(self.model.model()),
+            optimizer,
+        })
+    }
+
+    /// Puts back what [`Self::model_state`] saved, and (SplitFed) the global client-side model.
+    pub fn restore(
+        &mut self,
+        state: &ModelState,
+        global_client: Option<&[f32]>,
+        optim: &OptimConfig,
+    ) -> Result<(), PartyError> {
+        let model_error = |source| PartyError::Model {
+            peer: "checkpoint".into(),
+            source,
+        };
+        let optimizer =
+            load_optimizer(build_optimizer(optim), state.optimizer.clone()).map_err(model_error)?;
+        self.model
+            .restore(&state.weights, optimizer)
+            .map_err(model_error)?;
+        match (&mut self.global_client, global_client) {
+            (Some(current), Some(saved)) if current.len() == saved.len() => {
+                current.copy_from_slice(saved);
+            }
+            (None, None) => {}
+            (current, saved) => {
+                return Err(PartyError::State(format!(
+                    "the checkpoint's global client-side model ({} values) does not fit this run's ({} values)",
+                    saved.map_or(0, <[f32]>::len),
+                    current.as_ref().map_or(0, Vec::len)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// What each link has counted, client by client.
+    pub fn ledgers(&self) -> Vec<Ledger> {
+        self.links.iter().map(Endpoint::ledger).collect()
+    }
+
+    /// Continues counting from [`Self::ledgers`] of an earlier process.
+    pub fn restore_ledgers(&mut self, ledgers: &[Ledger]) -> Result<(), PartyError> {
+        if ledgers.len() != self.links.len() {
+            return Err(PartyError::State(format!(
+                "the server has {} links, the checkpoint counted {}",
+                self.links.len(),
+                ledgers.len()
+            )));
+        }
+        for (link, ledger) in self.links.iter_mut().zip(ledgers) {
+            link.restore_ledger(*ledger);
+        }
         Ok(())
     }
 

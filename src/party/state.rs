@@ -19,6 +19,14 @@ pub enum StateError {
     Record(String),
 }
 
+/// A model's full state at one moment: its values (as made by [`flatten`], or
+/// `party::client::client_state`) and its optimizer's record (as made by [`optimizer_bytes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelState {
+    pub weights: Vec<f32>,
+    pub optimizer: Vec<u8>,
+}
+
 /// Every float parameter and buffer of `module`, flattened in visiting order.
 pub fn flatten<M: Module>(module: &M) -> Vec<f32> {
     struct Flatten(Vec<f32>);
@@ -116,7 +124,9 @@ mod tests {
     use super::*;
     use crate::config::OptimConfig;
     use crate::kernels::Kernels;
-    use crate::model::{AuxKind, CutSpec, SplitResNetConfig, cross_entropy};
+    use crate::model::{
+        AUX_HIDDEN, AUX_LAYERS, AuxKind, CutSpec, SplitResNetConfig, cross_entropy,
+    };
     use crate::party::optim::build_optimizer;
     use burn::optim::GradientsParams;
     use burn::tensor::{Device, Int};
@@ -130,6 +140,8 @@ mod tests {
                 classes: 10,
                 cut: CutSpec::Blocks(1),
                 aux: AuxKind::Linear,
+                aux_hidden: AUX_HIDDEN,
+                aux_layers: AUX_LAYERS,
                 kernels: Kernels::Fused,
             }
             .init(&device)

@@ -44,6 +44,29 @@ impl<M: Module> Trainable<M> {
             .expect("model is present between optimizer steps")
     }
 
+    /// Replaces the model's values by `values` (as made by `state::flatten`) and the optimizer by
+    /// `optimizer`; on a length mismatch nothing changes.
+    pub fn restore(
+        &mut self,
+        values: &[f32],
+        optimizer: ModuleOptimizer,
+    ) -> Result<(), super::state::StateError> {
+        let expected = self.model().num_params();
+        if values.len() != expected {
+            return Err(super::state::StateError::WrongLength {
+                expected,
+                got: values.len(),
+            });
+        }
+        let model = self
+            .model
+            .take()
+            .expect("model is present between optimizer steps");
+        self.model = Some(super::state::load_flat(model, values)?);
+        self.optimizer = optimizer;
+        Ok(())
+    }
+
     /// One optimizer step with this model's part of `grads`.
     pub fn apply(&mut self, lr: f64, grads: Gradients) {
         let model = self

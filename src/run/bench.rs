@@ -26,6 +26,9 @@ pub struct BenchConfig {
     pub depth: usize,
     pub cut: CutSpec,
     pub aux: AuxKind,
+    /// `mlp` head: units of each hidden layer and number of hidden layers.
+    pub aux_hidden: usize,
+    pub aux_layers: usize,
     pub batch: usize,
     pub steps: usize,
     pub warmup: usize,
@@ -43,6 +46,8 @@ impl BenchConfig {
         config.model.depth = self.depth;
         config.model.cut = self.cut;
         config.model.aux = self.aux;
+        config.model.aux_hidden = self.aux_hidden;
+        config.model.aux_layers = self.aux_layers;
         config.model.kernels = self.kernels;
         config.train.mode = self.mode;
         config.train.batch_size = self.batch;

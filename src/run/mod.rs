@@ -3,13 +3,16 @@
 //! report ([`runner`]), evaluation ([`eval`]) and the speed benchmark ([`bench`]).
 
 pub mod bench;
+pub mod checkpoint;
 pub mod eval;
 pub mod runner;
 pub mod setup;
 
-pub use runner::{RunOptions, run};
+pub use checkpoint::{Checkpoint, CheckpointError};
+pub use runner::{KILL_AFTER_STEP_ENV, RunOptions, run};
 pub use setup::RunSetup;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::BackendError;
@@ -29,6 +32,10 @@ pub enum RunError {
     Party(#[from] PartyError),
     #[error(transparent)]
     Partition(#[from] PartitionError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("the checkpoint was written with other settings: {}", keys.join(", "))]
+    ResumeMismatch { keys: Vec<String> },
     #[error("training set is empty (data.train_limit too small?)")]
     NoTrainingData,
     #[error("a run needs at least one client")]
@@ -44,6 +51,8 @@ pub struct PreparedData {
     pub classes: usize,
     pub normalization: Normalization,
     pub dataset: String,
+    /// The dataset folder the images came from (recorded in checkpoints).
+    pub dir: Option<PathBuf>,
 }
 
 impl PreparedData {
@@ -70,6 +79,7 @@ impl PreparedData {
             classes,
             normalization,
             dataset: cifar.kind.name().to_string(),
+            dir: Some(cifar.dir.clone()),
         }
     }
 

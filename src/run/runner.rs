@@ -1,15 +1,18 @@
 //! The training loop: epochs, the clients' passes over their shards in the order the schedule
 //! sets, learning rates, the divergence check, per-epoch evaluation and the report.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 
+use super::checkpoint::{Checkpoint, CheckpointMeta};
 use super::eval::evaluate;
 use super::setup::RunSetup;
 use super::{PreparedData, RunError};
+use crate::config::differing_keys;
 use crate::config::{ExperimentConfig, Mode};
 use crate::data::Batcher;
 use crate::data::partition::class_histograms;
@@ -27,10 +30,19 @@ pub struct RunOptions {
     pub progress: bool,
     /// Draw the epoch bar below these bars (a sweep's overall bar).
     pub multi: Option<MultiProgress>,
+    /// Write checkpoints into this folder (every `train.checkpoint_every` epochs).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from this checkpoint instead of starting afresh.
+    pub resume: Option<Arc<Checkpoint>>,
 }
 
-/// Trains one split model from scratch in `mode` and reports on it. A diverging loss ends the
-/// run early with `status = "diverged"` and the epochs finished so far.
+/// Set to a step count N, a run kills its own process (SIGKILL) right after its N-th training
+/// step: the deterministic interruption that the resume tests use.
+pub const KILL_AFTER_STEP_ENV: &str = "SPLITAUX_KILL_AFTER_STEP";
+
+/// Trains one split model in `mode` (from scratch, or from `options.resume`) and reports on it.
+/// A diverging loss ends the run early with `status = "diverged"` and the epochs finished so
+/// far.
 pub fn run(
     config: &ExperimentConfig,
     mode: Mode,
@@ -55,6 +67,8 @@ pub fn run(
     let batches: Vec<usize> = parts.iter().map(|p| p.len().div_ceil(batch)).collect();
     let steps_per_epoch: usize = batches.iter().sum();
     let epochs = config.train.epochs;
+    let checkpoint_dir = options.checkpoint_dir.clone();
+    let resume = options.resume.clone();
     let report = Report {
         splitaux_version: crate::VERSION.to_string(),
         mode,
@@ -105,14 +119,24 @@ pub fn run(
         report,
         global_step: 0,
         epoch: EpochSums::default(),
+        checkpoint_dir,
+        earlier_seconds: 0.0,
+        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    };
+    let first = match resume {
+        Some(checkpoint) => trainer.restore(&checkpoint)? + 1,
+        None => 1,
     };
 
-    for epoch in 1..=epochs {
+    for epoch in first..=epochs {
         trainer.begin_epoch(epoch);
         if trainer.train_epoch(epoch)? == Flow::Stop {
             break;
         }
         trainer.end_epoch(epoch)?;
+        trainer.checkpoint(epoch, started)?;
     }
     Ok(trainer.finish(baseline, started))
 }
@@ -165,9 +189,100 @@ struct Trainer<'a> {
     global_step: usize,
     epoch: EpochSums,
     report: Report,
+    checkpoint_dir: Option<PathBuf>,
+    /// Seconds spent in earlier processes of a resumed run.
+    earlier_seconds: f64,
+    /// See [`KILL_AFTER_STEP_ENV`].
+    kill_after: Option<usize>,
 }
 
 impl Trainer<'_> {
+    /// Puts the run back where `checkpoint` left it; returns the epochs it had finished.
+    fn restore(&mut self, checkpoint: &Checkpoint) -> Result<usize, RunError> {
+        let meta = &checkpoint.meta;
+        let keys = differing_keys(&meta.config, &self.setup.config);
+        if !keys.is_empty() {
+            return Err(RunError::ResumeMismatch { keys });
+        }
+        let parties = &mut self.setup.parties;
+        if meta.client_ledgers.len() != parties.clients.len() {
+            return Err(RunError::ResumeMismatch {
+                keys: vec!["clients.count".into()],
+            });
+        }
+        for (id, client) in parties.clients.iter_mut().enumerate() {
+            let state = match meta.holder {
+                Some(holder) if holder == id => checkpoint.client.as_ref(),
+                _ => None,
+            };
+            client.restore_model(state)?;
+            client.restore_ledgers(&meta.client_ledgers[id])?;
+        }
+        parties.server.restore(
+            &checkpoint.server,
+            checkpoint.global_client.as_deref(),
+            &self.setup.config.optim,
+        )?;
+        parties.server.restore_ledgers(&meta.server_ledgers)?;
+        if let Some(peaks) = meta.peaks {
+            self.setup.meter.carry_peaks(peaks);
+        }
+        self.global_step = meta.global_step;
+        self.earlier_seconds = meta.wall_seconds;
+        self.report.epochs = meta.report.epochs.clone();
+        self.report.test_accuracy = meta.report.test_accuracy;
+        self.report.aux_accuracy = meta.report.aux_accuracy;
+        if self.options.progress {
+            eprintln!(
+                "resuming {} after epoch {} of {} (step {})",
+                self.setup.config.train.mode.name(),
+                meta.epochs_done,
+                self.setup.config.train.epochs,
+                meta.global_step
+            );
+        }
+        Ok(meta.epochs_done)
+    }
+
+    /// Writes a checkpoint after `epoch` when the run has a checkpoint folder and
+    /// `train.checkpoint_every` says so (always after the last epoch).
+    fn checkpoint(&mut self, epoch: usize, started: Instant) -> Result<(), RunError> {
+        let config = &self.setup.config;
+        let every = config.train.checkpoint_every;
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        if every == 0 || (!epoch.is_multiple_of(every) && epoch != config.train.epochs) {
+            return Ok(());
+        }
+        let parties = &self.setup.parties;
+        let holder = parties.clients.iter().position(|c| c.holds_model());
+        let client = match holder {
+            Some(holder) => parties.clients[holder].model_state()?,
+            None => None,
+        };
+        let checkpoint = Checkpoint {
+            meta: CheckpointMeta {
+                splitaux_version: crate::VERSION.to_string(),
+                config: config.clone(),
+                data_dir: self.data.dir.clone(),
+                epochs_done: epoch,
+                global_step: self.global_step,
+                wall_seconds: self.earlier_seconds + started.elapsed().as_secs_f64(),
+                report: self.report.clone(),
+                client_ledgers: parties.clients.iter().map(|c| c.ledgers()).collect(),
+                server_ledgers: parties.server.ledgers(),
+                peaks: self.setup.meter.peaks(),
+                holder,
+            },
+            client,
+            global_client: parties.server.global_client().map(<[f32]>::to_vec),
+            server: parties.server.model_state()?,
+        };
+        checkpoint.save(dir)?;
+        Ok(())
+    }
+
     fn begin_epoch(&mut self, epoch: usize) {
         let mode = self.setup.config.train.mode;
         self.epoch = EpochSums {
@@ -282,6 +397,12 @@ impl Trainer<'_> {
                 .step(client, images, labels, rates, &mut self.setup.meter)?;
         self.global_step += 1;
         pass.trained += 1;
+        if self.kill_after == Some(self.global_step) {
+            // SAFETY: plain libc calls on this process's own id; nothing runs after them.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
         if let Some(bad) = non_finite(losses) {
             let batches = self.batches[client];
             let place = if self.setup.parties.clients.len() == 1 {
@@ -388,7 +509,7 @@ impl Trainer<'_> {
                 source: self.setup.meter.source(),
             });
         }
-        self.report.wall_seconds = started.elapsed().as_secs_f64();
+        self.report.wall_seconds = self.earlier_seconds + started.elapsed().as_secs_f64();
         self.report
     }
 }

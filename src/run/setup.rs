@@ -73,6 +73,8 @@ impl RunSetup {
             classes,
             cut: config.model.cut,
             aux: config.model.aux,
+            aux_hidden: config.model.aux_hidden,
+            aux_layers: config.model.aux_layers,
             kernels: config.model.kernels,
         };
         let (client_model, server_net, cut) = model.init(&train_device)?;
