@@ -1,7 +1,10 @@
-//! How encoded frames travel between two endpoints. [`Transport`] is the seam a network
-//! transport implements; [`memory`] is the in-process one (a bounded channel pair).
+//! How encoded frames travel between two endpoints. [`Transport`] is the seam: [`memory`] is the
+//! in-process one (a bounded channel pair), [`grpc`] the network one (a gRPC stream).
 
+pub mod grpc;
 pub mod memory;
+
+use std::time::Duration;
 
 pub use memory::{MemoryTransport, memory_pair};
 
@@ -14,6 +17,16 @@ pub enum TransportError {
     Empty { peer: String },
     #[error("the channel to {peer} is full ({depth} frames): its receiver is not reading")]
     Full { peer: String, depth: usize },
+    #[error("a frame of {len} bytes for {peer} is larger than the largest legal one ({max} bytes)")]
+    TooLarge {
+        peer: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("the link to {peer} broke: {detail}")]
+    Broken { peer: String, detail: String },
+    #[error("nothing from {peer} within {after:?}")]
+    Timeout { peer: String, after: Duration },
 }
 
 /// One end of a bidirectional, ordered, reliable frame channel.
