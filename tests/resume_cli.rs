@@ -65,6 +65,19 @@ fn killed_and_resumed_runs_equal_uninterrupted_ones() {
         let whole = tempfile::tempdir().unwrap();
         let uninterrupted = json_stdout(&mut train(whole.path(), &settings));
         assert_eq!(uninterrupted["epochs"].as_array().unwrap().len(), 3);
+        // Writing checkpoints does not change what a run computes.
+        let unsaved = tempfile::tempdir().unwrap();
+        let mut plain = settings.clone();
+        plain.extend(["--set", "train.checkpoint_every=0"]);
+        let without = json_stdout(&mut train(unsaved.path(), &plain));
+        assert!(!unsaved.path().join("checkpoint.bin").exists(), "{case}");
+        let mut without = deterministic_part(without);
+        without["config"]["train"]["checkpoint_every"] = 1.into();
+        assert_eq!(
+            without,
+            deterministic_part(uninterrupted.clone()),
+            "{case}: checkpoints change nothing"
+        );
 
         let cut = tempfile::tempdir().unwrap();
         let killed = train(cut.path(), &settings)

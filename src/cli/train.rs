@@ -150,16 +150,18 @@ fn resumable(dir: &Path, compare: bool) -> Result<Vec<Checkpoint>> {
         bail!("--resume {}: no such folder", dir.display());
     }
     let finished = |mode: Mode| dir.join(format!("{}.json", mode.name())).exists();
+    // `train` keeps its one checkpoint in the folder itself; `compare` one per mode.
+    let folders: Vec<PathBuf> = if compare {
+        [Mode::Coupled, Mode::Decoupled]
+            .iter()
+            .map(|&mode| checkpoint_dir(dir, mode, true))
+            .collect()
+    } else {
+        vec![dir.to_path_buf()]
+    };
     let mut checkpoints = Vec::new();
-    for mode in [Mode::Coupled, Mode::Decoupled] {
-        // `train` keeps its one checkpoint in the folder itself, whatever its mode.
-        if !compare && mode == Mode::Decoupled {
-            break;
-        }
-        if compare && finished(mode) {
-            continue;
-        }
-        if let Some(checkpoint) = Checkpoint::load_from(&checkpoint_dir(dir, mode, compare))?
+    for folder in folders {
+        if let Some(checkpoint) = Checkpoint::load_from(&folder)?
             && !finished(checkpoint.meta.config.train.mode)
         {
             checkpoints.push(checkpoint);

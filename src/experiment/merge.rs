@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::log::{LogError, RunRecord, read_records};
-use crate::config::{ExperimentConfig, RESULT_NEUTRAL_KEYS, Settings};
+use crate::config::{RESULT_NEUTRAL_KEYS, Settings};
 
 /// Config keys never compared: `train.seed` (each run of a sweep sets its own) and the keys
 /// that cannot change results ([`RESULT_NEUTRAL_KEYS`]).
@@ -20,17 +20,12 @@ pub fn uncompared_keys() -> impl Iterator<Item = &'static str> {
     std::iter::once("train.seed").chain(RESULT_NEUTRAL_KEYS)
 }
 
-/// `config` as [`Settings`].
-pub fn config_settings(config: &ExperimentConfig) -> Option<Settings> {
-    Some(config.settings())
-}
-
 /// The settings a record's run shares with its sweep: the recorded base config, else the run's
 /// own config (older records); `None` for an old record of a run that never started.
 pub fn record_settings(record: &RunRecord) -> Option<Settings> {
     match (&record.base, &record.report) {
-        (Some(base), _) => config_settings(base),
-        (None, Some(report)) => config_settings(&report.config),
+        (Some(base), _) => Some(base.settings()),
+        (None, Some(report)) => Some(report.config.settings()),
         (None, None) => None,
     }
 }
@@ -271,6 +266,7 @@ fn check(files: &[RunsFile], allow_mixed: bool) -> Result<(), MergeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ExperimentConfig;
     use crate::data::partition::PartitionRule;
     use crate::report::RunStatus;
 
@@ -427,8 +423,8 @@ mod tests {
 
     #[test]
     fn differences_skip_axes_and_keys_below_them() {
-        let a = config_settings(&lr(0.1)).unwrap();
-        let b = config_settings(&lr(0.2)).unwrap();
+        let a = lr(0.1).settings();
+        let b = lr(0.2).settings();
         assert_eq!(a.get("optim.lr").map(String::as_str), Some("0.1"));
         assert_eq!(a.get("train.mode").map(String::as_str), Some("decoupled"));
         let d = first_difference(&a, &b, &skip_keys([] as [&str; 0])).unwrap();

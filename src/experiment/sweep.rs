@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::grid::{Combination, Sweep, expand};
 use super::log::{LogError, RunRecord, append, read_records};
-use super::merge::{config_settings, first_difference, record_settings, skip_keys};
+use super::merge::{first_difference, record_settings, skip_keys};
 use super::shard::Shard;
 use crate::data::{self, Cifar, DatasetKind, LabelSet, locate};
 use crate::report::RunStatus;
@@ -193,7 +193,7 @@ pub fn run_sweep(
 /// change results left out). Records of older versions without a base are compared by their
 /// report's config; a sweep whose base alone is not a valid config is not checked.
 fn check_same_base(sweep: &Sweep, log: &Path, recorded: &[RunRecord]) -> Result<(), SweepError> {
-    let Some(now) = sweep.base_config().ok().as_ref().and_then(config_settings) else {
+    let Ok(now) = sweep.base_config().map(|c| c.settings()) else {
         return Ok(());
     };
     let skip = skip_keys(

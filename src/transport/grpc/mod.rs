@@ -73,6 +73,8 @@ pub enum GrpcError {
     Connect { addr: String, cause: String },
     #[error("the server at {addr} refused this client: {reason}")]
     Refused { addr: String, reason: String },
+    #[error("{what} cannot be sent as gRPC metadata: {cause}")]
+    Metadata { what: &'static str, cause: String },
 }
 
 /// One end of a link over gRPC.
@@ -474,15 +476,21 @@ async fn open_link(options: &ClientOptions) -> Result<(mpsc::Sender<Frame>, Inbo
     let mut client = SplitClient::new(channel, options.limits.max_message());
     let (out_tx, out_rx) = mpsc::channel::<Frame>(options.limits.depth);
     let mut request = Request::new(ReceiverStream::new(out_rx));
-    let metadata =
-        |value: String| AsciiMetadataValue::try_from(value).map_err(|e| address(e.to_string()));
-    request
-        .metadata_mut()
-        .insert(PEER_KEY, metadata(options.name.clone())?);
+    let metadata = |what, value: String| {
+        AsciiMetadataValue::try_from(value).map_err(|e| GrpcError::Metadata {
+            what,
+            cause: e.to_string(),
+        })
+    };
+    request.metadata_mut().insert(
+        PEER_KEY,
+        metadata("the party's name", options.name.clone())?,
+    );
     if let Some(token) = &options.token {
-        request
-            .metadata_mut()
-            .insert("authorization", metadata(format!("Bearer {token}"))?);
+        request.metadata_mut().insert(
+            "authorization",
+            metadata("the token", format!("Bearer {token}"))?,
+        );
     }
     let inbound = client
         .link(request)
