@@ -6,6 +6,8 @@
 mod bench;
 mod data;
 mod experiment;
+mod launch;
+mod network;
 mod train;
 
 use anyhow::Result;
@@ -19,6 +21,7 @@ use splitaux::run::PreparedData;
 pub use self::bench::BenchArgs;
 pub use self::data::DataCommand;
 pub use self::experiment::{PlotArgs, SweepArgs, TableArgs};
+pub use self::network::{ClientArgs, ServeArgs};
 pub use self::train::TrainArgs;
 
 /// Split learning on CIFAR: classic (coupled) versus decoupled training with an auxiliary loss,
@@ -47,6 +50,10 @@ pub enum Command {
     Table(TableArgs),
     /// Draw SVG figures from runs.jsonl.
     Plot(PlotArgs),
+    /// Run the server party of a multi-process run: wait for the clients, train, report.
+    Serve(ServeArgs),
+    /// Run one client party of a multi-process run, connected to a `serve` process.
+    Client(ClientArgs),
 }
 
 /// A configuration and the data it names: the arguments `train`, `compare` and
@@ -119,6 +126,8 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Sweep(args) => experiment::sweep(args),
         Command::Table(args) => experiment::table(args),
         Command::Plot(args) => experiment::plot(args),
+        Command::Serve(args) => network::serve(args),
+        Command::Client(args) => network::client(args),
     }
 }
 

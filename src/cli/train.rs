@@ -30,6 +30,19 @@ pub struct TrainArgs {
     /// Print the JSON report to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// How the parties talk: `memory` (one process) or `grpc` (the server and each client as
+    /// separate processes on 127.0.0.1; train only).
+    #[arg(long, value_enum, default_value_t = TransportKind::Memory)]
+    pub transport: TransportKind,
+}
+
+/// Where the parties of a `train` run live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// All in this process, linked in memory.
+    Memory,
+    /// One process each, linked by gRPC on 127.0.0.1.
+    Grpc,
 }
 
 pub fn train(args: TrainArgs, compare: bool) -> Result<()> {
@@ -60,6 +73,12 @@ pub fn train(args: TrainArgs, compare: bool) -> Result<()> {
         }
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    if args.transport == TransportKind::Grpc {
+        if compare || args.resume.is_some() {
+            bail!("--transport grpc runs one `train` from scratch (not compare, not --resume)");
+        }
+        return super::launch::train_over_grpc(&args, &config, &out);
+    }
     let interactive = !args.json && std::io::stdout().is_terminal();
 
     let modes: &[Mode] = if compare {
@@ -239,7 +258,7 @@ fn write_json(path: &Path, report: &Report) -> Result<()> {
 }
 
 /// `runs/<UTC yyyymmdd-hhmmss>-<label>`.
-fn default_out_dir(label: &str) -> PathBuf {
+pub(super) fn default_out_dir(label: &str) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

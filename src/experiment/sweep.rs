@@ -161,7 +161,7 @@ pub fn run_sweep(
         match record.status {
             RunStatus::Completed => summary.completed += 1,
             RunStatus::Diverged => summary.diverged += 1,
-            RunStatus::Failed => summary.failed += 1,
+            RunStatus::Failed | RunStatus::Running => summary.failed += 1,
         }
         if let Some(report) = &record.report {
             let path = reports.join(format!("{}.json", combination.slug()));

@@ -98,6 +98,29 @@ impl ClientParty {
         }
     }
 
+    /// Talks over these links from now on (a client process replaces its in-memory links by
+    /// network ones); the byte counts start again from zero.
+    pub fn attach_links(
+        &mut self,
+        to_server: Endpoint,
+        to_next: Option<Endpoint>,
+        from_prev: Option<Endpoint>,
+    ) {
+        self.to_server = to_server;
+        self.to_next = to_next;
+        self.from_prev = from_prev;
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Whether the client has links to its neighbours (sequential hand-offs).
+    pub fn hands_off(&self) -> bool {
+        self.to_next.is_some()
+    }
+
     /// The client-side model, if this client holds it.
     pub fn model(&self) -> Option<&ClientModel> {
         self.model.as_ref().map(Trainable::model)

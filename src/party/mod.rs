@@ -13,7 +13,7 @@ pub mod update;
 
 pub use client::{ClientParts, ClientParty, StartingModel};
 pub use endpoint::Endpoint;
-pub use server::{ServerParts, ServerParty};
+pub use server::{Expected, ServerParts, ServerParty};
 pub use trainable::Trainable;
 pub use update::{AfterSend, ClientUpdate};
 

@@ -16,7 +16,7 @@ use crate::config::OptimConfig;
 use crate::federation::fedavg;
 use crate::memory::{MemoryMeter, Phase};
 use crate::model::{ServerNet, cross_entropy};
-use crate::protocol::{Bytes, Message, MessageKind};
+use crate::protocol::{Bytes, Message, MessageKind, ProtocolError};
 
 /// The server.
 pub struct ServerParty {
@@ -33,6 +33,17 @@ pub struct ServerParty {
     links: Vec<Endpoint>,
     returns_gradient: bool,
     device: Device,
+    /// What a client may send: `[channels, height, width]` of one image's activations, batches
+    /// of at most `max_batch` images, and labels below `classes`.
+    expects: Expected,
+}
+
+/// The shapes and values the server accepts from a client.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected {
+    pub activation_shape: [usize; 3],
+    pub max_batch: usize,
+    pub classes: usize,
 }
 
 /// How the server is wired and what it starts with.
@@ -45,6 +56,7 @@ pub struct ServerParts {
     pub links: Vec<Endpoint>,
     pub returns_gradient: bool,
     pub device: Device,
+    pub expects: Expected,
 }
 
 impl ServerParty {
@@ -57,7 +69,23 @@ impl ServerParty {
             links: parts.links,
             returns_gradient: parts.returns_gradient,
             device: parts.device,
+            expects: parts.expects,
         }
+    }
+
+    /// Talks to the clients over `links` from now on (`links[i]` to client `i`; a
+    /// multi-process server replaces its in-memory links by network ones). The byte counts
+    /// start again from zero.
+    pub fn attach_links(&mut self, links: Vec<Endpoint>) -> Result<(), PartyError> {
+        if links.len() != self.links.len() {
+            return Err(PartyError::State(format!(
+                "{} links for {} clients",
+                links.len(),
+                self.links.len()
+            )));
+        }
+        self.links = links;
+        Ok(())
     }
 
     /// The global server model.
@@ -90,14 +118,30 @@ impl ServerParty {
             peer: format!("client {client}"),
             source,
         };
-        let device = self.device.clone();
+        let (device, expects) = (self.device.clone(), self.expects);
         let link = self.link(client)?;
+        let [c, h, w] = expects.activation_shape;
+        let a = link.recv()?;
+        a.check_dims(&[None, Some(c), Some(h), Some(w)])
+            .map_err(protocol)?;
+        let batch = a.data.shape().as_slice()[0];
+        if !(1..=expects.max_batch).contains(&batch) {
+            return Err(protocol(ProtocolError::Malformed(format!(
+                "a batch of {batch} activations (at most {})",
+                expects.max_batch
+            ))));
+        }
         // A fresh leaf: shares nothing with the client's graph.
-        let a = link
-            .recv()?
+        let a = a
             .into_float::<4>(MessageKind::Activations, &device)
             .map_err(protocol)?;
-        let labels = link.recv()?.into_labels(&device).map_err(protocol)?;
+        let labels = link.recv()?;
+        if labels.kind == MessageKind::Labels {
+            labels
+                .check_labels(batch, expects.classes)
+                .map_err(protocol)?;
+        }
+        let labels = labels.into_labels(&device).map_err(protocol)?;
         let a = if self.returns_gradient {
             a.require_grad()
         } else {

@@ -8,6 +8,7 @@
 //! nothing with the sender.
 
 mod bytes;
+pub mod control;
 pub mod wire;
 
 pub use bytes::Bytes;

@@ -184,6 +184,43 @@ impl Message {
         self.expect(MessageKind::Labels, 1)?;
         Ok(Tensor::from_data(self.data, device))
     }
+
+    /// Checks the dimensions against `expected` (`None`: any size), before the tensor is made.
+    pub fn check_dims(&self, expected: &[Option<usize>]) -> Result<(), ProtocolError> {
+        let dims = self.data.shape().as_slice();
+        let fits = dims.len() == expected.len()
+            && dims
+                .iter()
+                .zip(expected)
+                .all(|(d, e)| e.is_none_or(|e| e == *d));
+        if fits {
+            return Ok(());
+        }
+        let wanted: Vec<String> = expected
+            .iter()
+            .map(|e| e.map_or("_".into(), |e| e.to_string()))
+            .collect();
+        Err(ProtocolError::Malformed(format!(
+            "{} of shape {dims:?} (expected [{}])",
+            self.kind.name(),
+            wanted.join(", ")
+        )))
+    }
+
+    /// Checks that these labels are `count` class indices below `classes`.
+    pub fn check_labels(&self, count: usize, classes: usize) -> Result<(), ProtocolError> {
+        self.check_dims(&[Some(count)])?;
+        let values: Vec<i64> = match self.data.dtype() {
+            DType::I64 | DType::I32 => self.data.iter::<i64>().collect(),
+            other => return Err(ProtocolError::UnsupportedDtype(other)),
+        };
+        match values.iter().find(|&&v| v < 0 || v as usize >= classes) {
+            Some(bad) => Err(ProtocolError::Malformed(format!(
+                "label {bad} (there are {classes} classes)"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,8 +19,12 @@ pub enum RunStatus {
     Completed,
     /// A NaN/infinite loss stopped the run (`error` says where).
     Diverged,
-    /// The run could not start or stopped on an error (sweeps record these with no report).
+    /// The run stopped on an error: a sweep's run that could not start (recorded with no
+    /// report), or a multi-process run whose peer failed (the server writes the epochs finished
+    /// so far; `error` names the peer, epoch and step).
     Failed,
+    /// Still training: the report a multi-process server writes after each finished epoch.
+    Running,
 }
 
 impl RunStatus {
@@ -29,6 +33,7 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Diverged => "diverged",
             RunStatus::Failed => "failed",
+            RunStatus::Running => "running",
         }
     }
 }
@@ -137,6 +142,42 @@ pub struct Report {
     /// Whole run, including data loading and evaluation.
     pub wall_seconds: f64,
     pub config: ExperimentConfig,
+    /// Runs whose parties are separate processes: the network's side of the traffic (absent
+    /// from in-process runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkReport>,
+}
+
+/// What a multi-process run moved besides the training frames in `bytes`, seen from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    /// `grpc`.
+    pub transport: String,
+    /// Whether the links were encrypted (TLS).
+    pub tls: bool,
+    /// Evaluation traffic: the test activations and labels the evaluating client sent, and the
+    /// global client-side model sent to it for evaluation (SplitFed); counted like `bytes`.
+    pub eval_bytes: Bytes,
+    /// Control messages (hello, per-step auxiliary losses, end of epoch, …), both ways.
+    pub control_bytes: u64,
+    /// Hand-off frames the server relayed from one client to the next (already in `bytes`,
+    /// counted there once by their sender).
+    pub relayed_bytes: u64,
+    /// Bytes on the server's sockets, gRPC, HTTP/2 and TLS framing included: sent and received
+    /// over all links.
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    /// Per client: its peer address and its link's socket bytes.
+    pub clients: Vec<ClientWire>,
+}
+
+/// One client's link, seen from the server's socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientWire {
+    pub id: usize,
+    pub peer: String,
+    pub wire_sent: u64,
+    pub wire_received: u64,
 }
 
 /// Bytes in binary units.

@@ -330,6 +330,7 @@ mod tests {
             peak_memory: None,
             wall_seconds: 1.0,
             config: config.clone(),
+            network: None,
         };
         Checkpoint {
             meta: CheckpointMeta {

@@ -5,8 +5,11 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod eval;
+pub mod pace;
+pub mod remote;
 pub mod runner;
 pub mod setup;
+pub mod tally;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use runner::{KILL_AFTER_STEP_ENV, RunOptions, run};
@@ -40,6 +43,16 @@ pub enum RunError {
     NoTrainingData,
     #[error("a run needs at least one client")]
     NoClients,
+    #[error(transparent)]
+    Network(#[from] crate::transport::grpc::GrpcError),
+    #[error("{peer}: {detail}")]
+    Peer { peer: String, detail: String },
+    #[error("{peer} refused this client: {reason}")]
+    Refused { peer: String, reason: String },
+    #[error("{peer} stopped the run: {reason}")]
+    Stopped { peer: String, reason: String },
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The data a run trains and evaluates on, prepared once (and shared by `compare`'s two runs).

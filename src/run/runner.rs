@@ -5,23 +5,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::MultiProgress;
 use rand::rngs::StdRng;
 
 use super::checkpoint::{Checkpoint, CheckpointMeta};
 use super::eval::evaluate;
+use super::pace::{PacedStep, Pacer};
 use super::setup::RunSetup;
+use super::tally::{EpochTally, progress_bar};
 use super::{PreparedData, RunError};
 use crate::config::differing_keys;
 use crate::config::{ExperimentConfig, Mode};
 use crate::data::Batcher;
 use crate::data::partition::class_histograms;
-use crate::federation::{ModelFlow, RatePosition};
+use crate::federation::ModelFlow;
 use crate::memory;
-use crate::party::optim::LrSchedule;
-use crate::party::{Rates, StepLosses};
+use crate::party::StepLosses;
 use crate::protocol::Bytes;
-use crate::report::{ClientReport, CutReport, EpochMetrics, PeakMemoryReport, Report, RunStatus};
+use crate::report::{ClientReport, CutReport, PeakMemoryReport, Report, RunStatus};
 
 /// How a run shows itself.
 #[derive(Debug, Clone, Default)]
@@ -53,7 +54,6 @@ pub fn run(
     let mut config = config.clone();
     config.train.mode = mode;
     let parts = data.partition(&config)?;
-    let histograms = class_histograms(&data.train.labels, data.classes, &parts);
     let setup = RunSetup::new(
         &config,
         data.classes,
@@ -63,15 +63,52 @@ pub fn run(
     )?;
     let baseline = memory::current() as u64;
 
-    let batch = config.train.batch_size;
-    let batches: Vec<usize> = parts.iter().map(|p| p.len().div_ceil(batch)).collect();
-    let steps_per_epoch: usize = batches.iter().sum();
+    let shard_sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
     let epochs = config.train.epochs;
     let checkpoint_dir = options.checkpoint_dir.clone();
     let resume = options.resume.clone();
-    let report = Report {
+    let report = fresh_report(&config, data, &setup, &parts);
+    let mut trainer = Trainer {
+        pacer: Pacer::new(&config, &shard_sizes),
+        shard_sizes: shard_sizes.iter().map(|&n| n as u64).collect(),
+        setup,
+        data,
+        options,
+        report,
+        epoch: EpochTally::default(),
+        checkpoint_dir,
+        earlier_seconds: 0.0,
+        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    };
+    let first = match resume {
+        Some(checkpoint) => trainer.restore(&checkpoint)? + 1,
+        None => 1,
+    };
+
+    for epoch in first..=epochs {
+        trainer.begin_epoch(epoch);
+        if trainer.train_epoch(epoch)? == Flow::Stop {
+            break;
+        }
+        trainer.end_epoch(epoch)?;
+        trainer.checkpoint(epoch, started)?;
+    }
+    Ok(trainer.finish(baseline, started))
+}
+
+/// The report of a run about to start: its set-up and shards, no epochs yet.
+pub(crate) fn fresh_report(
+    config: &ExperimentConfig,
+    data: &PreparedData,
+    setup: &RunSetup,
+    parts: &[Vec<usize>],
+) -> Report {
+    let histograms = class_histograms(&data.train.labels, data.classes, parts);
+    Report {
         splitaux_version: crate::VERSION.to_string(),
-        mode,
+        mode: config.train.mode,
         status: RunStatus::Completed,
         error: None,
         dataset: data.dataset.clone(),
@@ -103,42 +140,8 @@ pub fn run(
         peak_memory: None,
         wall_seconds: 0.0,
         config: config.clone(),
-    };
-    let mut trainer = Trainer {
-        schedule: LrSchedule::new(&config.optim, steps_per_epoch * epochs),
-        client_schedules: batches
-            .iter()
-            .map(|&b| LrSchedule::new(&config.optim, b * epochs))
-            .collect(),
-        shard_sizes: parts.iter().map(|p| p.len() as u64).collect(),
-        batches,
-        steps_per_epoch,
-        setup,
-        data,
-        options,
-        report,
-        global_step: 0,
-        epoch: EpochSums::default(),
-        checkpoint_dir,
-        earlier_seconds: 0.0,
-        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok()),
-    };
-    let first = match resume {
-        Some(checkpoint) => trainer.restore(&checkpoint)? + 1,
-        None => 1,
-    };
-
-    for epoch in first..=epochs {
-        trainer.begin_epoch(epoch);
-        if trainer.train_epoch(epoch)? == Flow::Stop {
-            break;
-        }
-        trainer.end_epoch(epoch)?;
-        trainer.checkpoint(epoch, started)?;
+        network: None,
     }
-    Ok(trainer.finish(baseline, started))
 }
 
 /// Whether training goes on.
@@ -154,23 +157,6 @@ struct Pass {
     /// Training-subset indices in this epoch's order.
     order: Vec<usize>,
     augment: StdRng,
-    /// Batches taken so far, and steps trained (batches of one image are skipped).
-    taken: usize,
-    trained: usize,
-}
-
-/// Sums over the passes of one epoch.
-#[derive(Default)]
-struct EpochSums {
-    server_loss: f64,
-    client_loss: f64,
-    steps: usize,
-    images: usize,
-    lr: f64,
-    data_seconds: f64,
-    started: Option<Instant>,
-    bytes_before: Bytes,
-    bar: Option<ProgressBar>,
 }
 
 /// A run in progress: the parties, where the schedule is, and the report so far.
@@ -178,16 +164,11 @@ struct Trainer<'a> {
     setup: RunSetup,
     data: &'a PreparedData,
     options: RunOptions,
-    /// The learning rate by the run's step count, and by each client's own steps (SplitFed).
-    schedule: LrSchedule,
-    client_schedules: Vec<LrSchedule>,
-    /// Per client: batches per epoch, and shard size (the FedAvg weight).
-    batches: Vec<usize>,
+    /// The learning rates, batches and hand-offs of each step.
+    pacer: Pacer,
+    /// Per client: shard size (the FedAvg weight).
     shard_sizes: Vec<u64>,
-    steps_per_epoch: usize,
-    /// Steps taken so far (the learning-rate schedule's position).
-    global_step: usize,
-    epoch: EpochSums,
+    epoch: EpochTally,
     report: Report,
     checkpoint_dir: Option<PathBuf>,
     /// Seconds spent in earlier processes of a resumed run.
@@ -227,7 +208,7 @@ impl Trainer<'_> {
         if let Some(peaks) = meta.peaks {
             self.setup.meter.carry_peaks(peaks);
         }
-        self.global_step = meta.global_step;
+        self.pacer.resume(meta.global_step, meta.holder);
         self.earlier_seconds = meta.wall_seconds;
         self.report.epochs = meta.report.epochs.clone();
         self.report.test_accuracy = meta.report.test_accuracy;
@@ -267,7 +248,7 @@ impl Trainer<'_> {
                 config: config.clone(),
                 data_dir: self.data.dir.clone(),
                 epochs_done: epoch,
-                global_step: self.global_step,
+                global_step: self.pacer.global_step(),
                 wall_seconds: self.earlier_seconds + started.elapsed().as_secs_f64(),
                 report: self.report.clone(),
                 client_ledgers: parties.clients.iter().map(|c| c.ledgers()).collect(),
@@ -284,62 +265,43 @@ impl Trainer<'_> {
     }
 
     fn begin_epoch(&mut self, epoch: usize) {
-        let mode = self.setup.config.train.mode;
-        self.epoch = EpochSums {
-            started: Some(Instant::now()),
-            bytes_before: self.setup.parties.bytes(),
-            lr: self.schedule.at(self.global_step),
-            bar: Some(progress_bar(
-                &self.options,
-                self.steps_per_epoch,
-                epoch,
-                self.setup.config.train.epochs,
-                mode,
-            )),
-            ..EpochSums::default()
-        };
+        let config = &self.setup.config;
+        let bar = progress_bar(
+            self.options.progress,
+            self.options.multi.as_ref(),
+            self.pacer.steps_per_epoch(),
+            epoch,
+            config.train.epochs,
+            config.train.mode,
+        );
+        self.epoch = EpochTally::begin(self.pacer.global_rate(), self.setup.parties.bytes(), bar);
     }
 
     /// One epoch as `clients.schedule` plans it: the client of each step, the model's moves
     /// (hand-offs, or SplitFed's download and upload around the round).
     fn train_epoch(&mut self, epoch: usize) -> Result<Flow, RunError> {
         let config = &self.setup.config;
+        let seed = config.train.seed;
         let plan = config
             .clients
             .schedule
-            .plan(epoch, &self.batches, config.train.seed);
+            .plan(epoch, self.pacer.batches(), seed);
         let optim = config.optim.clone();
         if let ModelFlow::Federated { server_copies } = plan.model {
             self.setup.parties.begin_round(server_copies, &optim)?;
         }
-        let mut passes: Vec<Option<Pass>> = self.batches.iter().map(|_| None).collect();
+        self.pacer.begin_epoch(epoch);
+        let mut passes: Vec<Option<Pass>> = self.shard_sizes.iter().map(|_| None).collect();
         for &client in &plan.steps {
-            if plan.model == ModelFlow::HandOff {
-                self.take_over(client)?;
+            let step = self.pacer.next(&plan, client);
+            for &(from, to) in &step.hand_offs {
+                self.setup.parties.hand_off(from, to)?;
             }
             let pass = passes[client].get_or_insert_with(|| {
-                let (order, augment) = self.setup.parties.clients[client]
-                    .epoch_order(self.setup.config.train.seed, epoch);
-                Pass {
-                    order,
-                    augment,
-                    taken: 0,
-                    trained: 0,
-                }
+                let (order, augment) = self.setup.parties.clients[client].epoch_order(seed, epoch);
+                Pass { order, augment }
             });
-            // A client's local step counts its trained steps; its epoch offset counts every
-            // batch (a skipped one-image batch included), so a round starts where the schedule
-            // says whatever was skipped before.
-            let rate = |position: RatePosition| match position {
-                RatePosition::Global => self.schedule.at(self.global_step),
-                RatePosition::PerClient => self.client_schedules[client]
-                    .at((epoch - 1) * self.batches[client] + pass.trained),
-            };
-            let rates = Rates {
-                client: rate(plan.client_rate),
-                server: rate(plan.server_rate),
-            };
-            if self.train_step(client, epoch, pass, rates)? == Flow::Stop {
+            if self.train_step(&step, epoch, pass)? == Flow::Stop {
                 return Ok(Flow::Stop);
             }
         }
@@ -351,104 +313,63 @@ impl Trainer<'_> {
         Ok(Flow::Continue)
     }
 
-    /// Sequential: hands the model round the ring until `client` holds it (a client with no
-    /// images passes it straight on).
-    fn take_over(&mut self, client: usize) -> Result<(), RunError> {
-        let parties = &mut self.setup.parties;
-        let n = parties.clients.len();
-        for _ in 0..n {
-            if parties.clients[client].holds_model() {
-                return Ok(());
-            }
-            let holder = (0..n)
-                .find(|&c| parties.clients[c].holds_model())
-                .unwrap_or((client + n - 1) % n);
-            parties.hand_off(holder, (holder + 1) % n)?;
-        }
-        Ok(())
-    }
-
-    /// `client`'s next batch of its pass (a batch of one image is skipped: BatchNorm needs
+    /// The step's batch of its client's pass (a batch of one image is skipped: BatchNorm needs
     /// two).
     fn train_step(
         &mut self,
-        client: usize,
+        step: &PacedStep,
         epoch: usize,
         pass: &mut Pass,
-        rates: Rates,
     ) -> Result<Flow, RunError> {
-        let batch = self.setup.config.train.batch_size;
-        let index = pass.taken;
-        pass.taken += 1;
-        let Some(chunk) = pass.order.chunks(batch).nth(index) else {
-            return Ok(Flow::Continue);
-        };
-        if chunk.len() < 2 {
+        if !step.trains() {
             return Ok(Flow::Continue);
         }
+        let client = step.client;
+        let batch = self.setup.config.train.batch_size;
+        let start = step.batch * batch;
+        let chunk = &pass.order[start..start + step.images];
         let data_start = Instant::now();
         let (images, labels) = self.setup.parties.clients[client].batch(chunk, &mut pass.augment);
         self.epoch.data_seconds += data_start.elapsed().as_secs_f64();
 
-        self.epoch.lr = rates.server;
+        self.epoch.lr = step.rates.server;
         let losses =
             self.setup
                 .parties
-                .step(client, images, labels, rates, &mut self.setup.meter)?;
-        self.global_step += 1;
-        pass.trained += 1;
-        if self.kill_after == Some(self.global_step) {
+                .step(client, images, labels, step.rates, &mut self.setup.meter)?;
+        self.pacer.trained(client);
+        if self.kill_after == Some(self.pacer.global_step()) {
             // SAFETY: plain libc calls on this process's own id; nothing runs after them.
             unsafe {
                 libc::kill(libc::getpid(), libc::SIGKILL);
             }
         }
         if let Some(bad) = non_finite(losses) {
-            let batches = self.batches[client];
-            let place = if self.setup.parties.clients.len() == 1 {
-                format!("step {} of {batches}", index + 1)
-            } else {
-                format!("client {client}, step {} of {batches}", index + 1)
-            };
-            if let Some(bar) = &self.epoch.bar {
-                bar.abandon();
-            }
+            self.epoch.abandon();
             self.report.status = RunStatus::Diverged;
-            self.report.error = Some(format!(
-                "{bad} loss is not finite at epoch {epoch}, {place}"
+            self.report.error = Some(divergence(
+                bad,
+                epoch,
+                step,
+                self.pacer.batches()[client],
+                self.shard_sizes.len(),
             ));
             return Ok(Flow::Stop);
         }
-        let sums = &mut self.epoch;
-        sums.server_loss += losses.server as f64;
-        sums.client_loss += losses.client.unwrap_or(0.0) as f64;
-        sums.steps += 1;
-        sums.images += chunk.len();
-        if let (Some(bar), Some(started)) = (&sums.bar, sums.started) {
-            bar.inc(1);
-            bar.set_message(format!(
-                "loss {:.3}  {:.0} img/s",
-                sums.server_loss / sums.steps as f64,
-                sums.images as f64 / started.elapsed().as_secs_f64()
-            ));
-        }
+        self.epoch.add(losses, step.images);
         Ok(Flow::Continue)
     }
 
     fn end_epoch(&mut self, epoch: usize) -> Result<(), RunError> {
-        let sums = std::mem::take(&mut self.epoch);
-        let train_seconds = sums.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        if let Some(bar) = &sums.bar {
-            bar.finish_and_clear();
-        }
+        let mut tally = std::mem::take(&mut self.epoch);
+        tally.stop_clock();
         let config = &self.setup.config;
         let mode = config.train.mode;
-        let decoupled = mode == Mode::Decoupled;
         let eval_start = Instant::now();
         let server = burn::module::Module::valid(self.setup.parties.server.model());
         let (data, device) = (self.data, &self.setup.device);
         let eval_batch = config.train.eval_batch_size;
-        let (test_accuracy, aux_accuracy) = self.setup.parties.with_client_model(|client| {
+        let accuracy = self.setup.parties.with_client_model(|client| {
             evaluate(
                 &burn::module::Module::valid(client),
                 &server,
@@ -456,40 +377,22 @@ impl Trainer<'_> {
                 &Batcher::new(data.normalization, false),
                 eval_batch,
                 device,
-                decoupled,
+                mode == Mode::Decoupled,
             )
         })?;
-        let parties = &self.setup.parties;
-        let steps = sums.steps.max(1) as f64;
-        self.report.epochs.push(EpochMetrics {
+        let metrics = tally.metrics(
             epoch,
-            lr: sums.lr,
-            server_loss: sums.server_loss / steps,
-            client_loss: decoupled.then_some(sums.client_loss / steps),
-            test_accuracy,
-            aux_accuracy,
-            bytes: parties.bytes().since(&sums.bytes_before),
-            train_seconds,
-            data_seconds: sums.data_seconds,
-            eval_seconds: eval_start.elapsed().as_secs_f64(),
-            images_per_s: sums.images as f64 / train_seconds,
-        });
-        self.report.test_accuracy = Some(test_accuracy);
-        self.report.aux_accuracy = aux_accuracy;
+            mode,
+            accuracy,
+            self.setup.parties.bytes(),
+            eval_start.elapsed().as_secs_f64(),
+        );
         if self.options.progress {
-            let line = format!(
-                "{} epoch {epoch}/{}: loss {:.3}, test accuracy {:.2} %{}",
-                mode.name(),
-                config.train.epochs,
-                sums.server_loss / steps,
-                100.0 * test_accuracy,
-                aux_accuracy.map_or(String::new(), |a| format!(", aux head {:.2} %", 100.0 * a)),
-            );
-            match &sums.bar {
-                Some(bar) => bar.suspend(|| eprintln!("{line}")),
-                None => eprintln!("{line}"),
-            }
+            tally.print(&metrics, mode, config.train.epochs);
         }
+        self.report.test_accuracy = Some(metrics.test_accuracy);
+        self.report.aux_accuracy = metrics.aux_accuracy;
+        self.report.epochs.push(metrics);
         Ok(())
     }
 
@@ -514,8 +417,28 @@ impl Trainer<'_> {
     }
 }
 
+/// The report's error for a loss that stopped being finite at `step`.
+pub(crate) fn divergence(
+    bad: &str,
+    epoch: usize,
+    step: &PacedStep,
+    batches: usize,
+    clients: usize,
+) -> String {
+    let place = if clients == 1 {
+        format!("step {} of {batches}", step.batch + 1)
+    } else {
+        format!(
+            "client {}, step {} of {batches}",
+            step.client,
+            step.batch + 1
+        )
+    };
+    format!("{bad} loss is not finite at epoch {epoch}, {place}")
+}
+
 /// Which loss is NaN or infinite, if any.
-fn non_finite(losses: StepLosses) -> Option<&'static str> {
+pub(crate) fn non_finite(losses: StepLosses) -> Option<&'static str> {
     if !losses.server.is_finite() {
         Some("server")
     } else if losses.client.is_some_and(|l| !l.is_finite()) {
@@ -523,29 +446,4 @@ fn non_finite(losses: StepLosses) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-fn progress_bar(
-    options: &RunOptions,
-    steps: usize,
-    epoch: usize,
-    epochs: usize,
-    mode: Mode,
-) -> ProgressBar {
-    use std::io::IsTerminal;
-    if !options.progress || !std::io::stdout().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(steps as u64);
-    let bar = match &options.multi {
-        Some(multi) => multi.add(bar),
-        None => bar,
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
-            .expect("valid progress template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{} epoch {epoch}/{epochs}", mode.name()));
-    bar
 }

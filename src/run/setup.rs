@@ -17,7 +17,8 @@ use crate::party::client::client_state;
 use crate::party::optim::build_optimizer;
 use crate::party::state::with_stable_ids;
 use crate::party::{
-    ClientParts, ClientParty, Endpoint, Parties, ServerParts, ServerParty, StartingModel, Trainable,
+    ClientParts, ClientParty, Endpoint, Expected, Parties, ServerParts, ServerParty, StartingModel,
+    Trainable,
 };
 use crate::protocol::Direction;
 use crate::report::Parameters;
@@ -31,6 +32,19 @@ pub const SERVER_PARAM_IDS: u64 = 2 << 40;
 /// Frames in flight per direction of an in-memory link: a lock-step step has at most two
 /// (activations and labels), and so has a hand-off (weights and optimizer state).
 const LINK_DEPTH: usize = 2;
+
+/// The split model `config` describes, for `classes` classes.
+pub fn model_config(config: &ExperimentConfig, classes: usize) -> SplitResNetConfig {
+    SplitResNetConfig {
+        depth: config.model.depth,
+        classes,
+        cut: config.model.cut,
+        aux: config.model.aux,
+        aux_hidden: config.model.aux_hidden,
+        aux_layers: config.model.aux_layers,
+        kernels: config.model.kernels,
+    }
+}
 
 /// Everything a run trains with.
 pub struct RunSetup {
@@ -68,15 +82,7 @@ impl RunSetup {
         device.seed(config.train.seed);
         train_device.seed(config.train.seed);
 
-        let model = SplitResNetConfig {
-            depth: config.model.depth,
-            classes,
-            cut: config.model.cut,
-            aux: config.model.aux,
-            aux_hidden: config.model.aux_hidden,
-            aux_layers: config.model.aux_layers,
-            kernels: config.model.kernels,
-        };
+        let model = model_config(config, classes);
         let (client_model, server_net, cut) = model.init(&train_device)?;
         let parameters = Parameters {
             client: client_model.net.num_params(),
@@ -183,6 +189,11 @@ impl RunSetup {
             links: server_links,
             returns_gradient: mode.server_returns_gradient(),
             device: train_device.clone(),
+            expects: Expected {
+                activation_shape: cut.activation_shape,
+                max_batch: config.train.batch_size,
+                classes,
+            },
         });
         Ok(Self {
             config: config.clone(),

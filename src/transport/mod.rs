@@ -3,6 +3,7 @@
 
 pub mod grpc;
 pub mod memory;
+pub mod mux;
 
 use std::time::Duration;
 
@@ -39,4 +40,10 @@ pub trait Transport: Send {
 
     /// The next frame from the other end.
     fn recv(&mut self) -> Result<Vec<u8>, TransportError>;
+
+    /// The bytes this link moved on the socket (sent, received), protocol overhead included,
+    /// when the transport can count them.
+    fn wire_bytes(&self) -> Option<(u64, u64)> {
+        None
+    }
 }

@@ -13,6 +13,9 @@
 //! configuration's largest legal one are refused by the gRPC layer before they are buffered.
 
 pub mod service;
+mod wire;
+
+pub use wire::{WireCount, WireCounts};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,13 +86,26 @@ pub struct GrpcTransport {
     out: mpsc::Sender<Frame>,
     inbound: mpsc::Receiver<Result<Vec<u8>, Status>>,
     limits: LinkLimits,
+    /// The server's count of this connection's socket bytes (clients do not count).
+    wire: Option<Arc<WireCount>>,
     /// Keeps the runtime (and with it the connection) alive while this end exists.
     runtime: Arc<Runtime>,
+}
+
+impl GrpcTransport {
+    /// Waits at most `wait` for each frame from now on.
+    pub fn set_recv_timeout(&mut self, wait: Duration) {
+        self.limits.recv_timeout = wait;
+    }
 }
 
 impl Transport for GrpcTransport {
     fn peer(&self) -> &str {
         &self.peer
+    }
+
+    fn wire_bytes(&self) -> Option<(u64, u64)> {
+        self.wire.as_ref().map(|count| count.get())
     }
 
     fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
@@ -199,6 +215,7 @@ pub struct ServerOptions {
 /// A link the server admitted, waiting for [`GrpcServer::accept`].
 struct Admitted {
     peer: String,
+    wire: Option<Arc<WireCount>>,
     out: mpsc::Sender<Frame>,
     inbound: mpsc::Receiver<Result<Vec<u8>, Status>>,
 }
@@ -210,6 +227,7 @@ struct Doorkeeper {
     admitted: mpsc::Sender<Admitted>,
     /// Refusals so far, for the server's log.
     refused: mpsc::UnboundedSender<String>,
+    wire: WireCounts,
 }
 
 impl LinkHandler for Doorkeeper {
@@ -226,6 +244,7 @@ impl LinkHandler for Doorkeeper {
             request.remote_addr(),
         );
         let peer = peer_name(&request);
+        let wire = request.remote_addr().and_then(|addr| self.wire.of(addr));
         let (depth, admitted, refused) = (self.depth, self.admitted.clone(), self.refused.clone());
         Box::pin(async move {
             if let Err(status) = verdict {
@@ -238,6 +257,7 @@ impl LinkHandler for Doorkeeper {
             admitted
                 .send(Admitted {
                     peer,
+                    wire,
                     out: out_tx,
                     inbound: in_rx,
                 })
@@ -317,12 +337,16 @@ impl GrpcServer {
         })?;
         let (admitted_tx, admitted) = mpsc::channel(64);
         let (refused_tx, refused) = mpsc::unbounded_channel();
+        let wire = WireCounts::default();
+        let counted = wire.clone();
+        let incoming = incoming.map(move |stream| stream.map(|s| counted.wrap(s)));
         let service = SplitServer::new(
             Doorkeeper {
                 token: options.token,
                 depth: options.limits.depth,
                 admitted: admitted_tx,
                 refused: refused_tx,
+                wire,
             },
             options.limits.max_message(),
         );
@@ -367,6 +391,7 @@ impl GrpcServer {
         {
             Ok(Some(link)) => Ok(GrpcTransport {
                 peer: link.peer,
+                wire: link.wire,
                 out: link.out,
                 inbound: link.inbound,
                 limits: self.limits.clone(),
@@ -429,6 +454,7 @@ pub fn connect(options: &ClientOptions) -> Result<GrpcTransport, GrpcError> {
         peer: format!("the server at {}", options.server),
         out,
         inbound,
+        wire: None,
         limits: options.limits.clone(),
         runtime,
     })

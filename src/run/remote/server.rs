@@ -1,0 +1,617 @@
+//! The server process: admits the run's clients (hello: version, id, configuration and shard
+//! checked), then trains the server side in the schedule's order, relays hand-offs, has the
+//! evaluating client send the test activations, and writes the report after every epoch. A
+//! client that fails ends the run: the report so far is written with `status = "failed"`,
+//! naming the client, epoch and step, and the other clients are told to stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::tensor::TensorData;
+
+use super::{ControlLink, shard_digest};
+use crate::config::{ExperimentConfig, Mode, differing_keys};
+use crate::federation::ModelFlow;
+use crate::memory;
+use crate::model::correct;
+use crate::party::{Endpoint, PartyError, ServerParty};
+use crate::protocol::control::Control;
+use crate::protocol::{Bytes, Direction, Message, MessageKind, ProtocolError};
+use crate::report::{ClientWire, NetworkReport, PeakMemoryReport, Report, RunStatus};
+use crate::run::eval::test_batch_count;
+use crate::run::pace::{PacedStep, Pacer};
+use crate::run::runner::{divergence, fresh_report, non_finite};
+use crate::run::tally::{EpochTally, progress_bar};
+use crate::run::{KILL_AFTER_STEP_ENV, PreparedData, RunError, RunSetup};
+use crate::transport::grpc::{GrpcServer, GrpcTransport};
+use crate::transport::mux::{self, Channel, Mux, MuxChannel};
+use crate::transport::{Transport, TransportError};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// A line per epoch (and the refusals) on stderr, progress bars on a terminal.
+    pub progress: bool,
+    /// The report so far is written here after every epoch, and on failure.
+    pub report_path: Option<PathBuf>,
+    /// How long to wait for every client to connect.
+    pub wait_for_clients: Duration,
+    /// How long a connected peer may take to say hello.
+    pub hello_timeout: Duration,
+    /// How long to wait for each message during the run.
+    pub timeout: Duration,
+    /// Whether the links are encrypted (for the report).
+    pub tls: bool,
+}
+
+/// One admitted client's link, by channel.
+struct Link {
+    mux: Mux,
+    control: ControlLink,
+    relay: MuxChannel,
+    eval: Endpoint,
+}
+
+/// Waits for `config`'s clients, trains with them and returns the report (also written to
+/// `options.report_path`). A failed run's report is written before the error returns.
+pub fn serve(
+    config: &ExperimentConfig,
+    data: &PreparedData,
+    listener: &mut GrpcServer,
+    options: &ServeOptions,
+) -> Result<Report, RunError> {
+    let started = Instant::now();
+    let parts = data.partition(config)?;
+    let digests: Vec<String> = parts.iter().map(|p| shard_digest(&data.train, p)).collect();
+    let links = admit_clients(config, &digests, listener, options)?;
+    let setup = RunSetup::new(
+        config,
+        data.classes,
+        Arc::clone(&data.train),
+        parts.clone(),
+        data.normalization,
+    )?;
+    let report = fresh_report(config, data, &setup, &parts);
+    let RunSetup {
+        parties,
+        meter,
+        device,
+        server_copies_bytes,
+        ..
+    } = setup;
+    let mut server = parties.server;
+    // The other parties live in their own processes.
+    drop(parties.clients);
+    server.attach_links(
+        links
+            .iter()
+            .map(|l| Endpoint::new(Box::new(l.mux.channel(Channel::Train)), Direction::Down))
+            .collect(),
+    )?;
+    let baseline = memory::current() as u64;
+    let shard_sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+    let mut serving = Serving {
+        pacer: Pacer::new(config, &shard_sizes),
+        weights: shard_sizes.iter().map(|&n| n as u64).collect(),
+        config,
+        data,
+        options,
+        server,
+        links,
+        meter,
+        device,
+        report,
+        clients_sent: vec![Bytes::default(); parts.len()],
+        clients_traffic: vec![Bytes::default(); parts.len()],
+        relayed: 0,
+        tally: EpochTally::default(),
+        place: Place {
+            epoch: 0,
+            step: None,
+        },
+        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    };
+    for epoch in 1..=config.train.epochs {
+        match serving.epoch(epoch) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(error) => return Err(serving.fail(error, started)),
+        }
+    }
+    let report = serving.finish(baseline, server_copies_bytes, started);
+    serving.write(&report)?;
+    Ok(report)
+}
+
+/// Accepts links until every client has said a valid hello (others are refused and the server
+/// goes on waiting), or `options.wait_for_clients` has passed.
+fn admit_clients(
+    config: &ExperimentConfig,
+    digests: &[String],
+    listener: &mut GrpcServer,
+    options: &ServeOptions,
+) -> Result<Vec<Link>, RunError> {
+    let n = digests.len();
+    let mut links: Vec<Option<Link>> = (0..n).map(|_| None).collect();
+    let deadline = Instant::now() + options.wait_for_clients;
+    while links.iter().any(Option::is_none) {
+        let missing = || {
+            let ids: Vec<String> = (0..n)
+                .filter(|&i| links[i].is_none())
+                .map(|i| i.to_string())
+                .collect();
+            RunError::Failed(format!(
+                "clients {} did not connect within {:?}",
+                ids.join(", "),
+                options.wait_for_clients
+            ))
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let accepted = listener.accept(left);
+        for line in listener.refusals() {
+            eprintln!("refused {line}");
+        }
+        let mut transport = match accepted {
+            Ok(transport) => transport,
+            Err(TransportError::Timeout { .. }) => return Err(missing()),
+            Err(e) => return Err(RunError::Party(e.into())),
+        };
+        let peer = transport.peer().to_string();
+        match hello(config, digests, &links, &mut transport, options) {
+            Ok((id, hello_len)) => {
+                transport.set_recv_timeout(options.timeout);
+                let welcome = Control::Welcome.encode();
+                let welcome_len = welcome.len();
+                transport
+                    .send(mux::tag(Channel::Control, &welcome))
+                    .map_err(|e| RunError::Party(e.into()))?;
+                let mux = Mux::new(Box::new(transport));
+                let mut control = ControlLink::new(&mux);
+                control.bytes += (hello_len + welcome_len) as u64;
+                if options.progress {
+                    eprintln!("client {id} joined from {peer}");
+                }
+                links[id] = Some(Link {
+                    control,
+                    relay: mux.channel(Channel::Relay),
+                    eval: Endpoint::new(Box::new(mux.channel(Channel::Eval)), Direction::Down),
+                    mux,
+                });
+            }
+            Err(reason) => {
+                eprintln!("refused {peer}: {reason}");
+                let refusal = Control::Refused { reason };
+                let _ = transport.send(mux::tag(Channel::Control, &refusal.encode()));
+            }
+        }
+    }
+    Ok(links.into_iter().flatten().collect())
+}
+
+/// Reads a new link's hello; the client's id (and the hello's size) if it is admitted, else
+/// why not.
+fn hello(
+    config: &ExperimentConfig,
+    digests: &[String],
+    links: &[Option<Link>],
+    transport: &mut GrpcTransport,
+    options: &ServeOptions,
+) -> Result<(usize, usize), String> {
+    transport.set_recv_timeout(options.hello_timeout);
+    let frame = transport.recv().map_err(|e| e.to_string())?;
+    let len = frame.len();
+    let (channel, frame) = mux::untag(transport.peer(), frame).map_err(|e| e.to_string())?;
+    if channel != Channel::Control {
+        return Err(format!("sent a {} frame before hello", channel.name()));
+    }
+    let Control::Hello {
+        client,
+        version,
+        config: theirs,
+        shard_images,
+        shard_digest,
+    } = Control::decode(&frame)?
+    else {
+        return Err("the first message was not a hello".into());
+    };
+    if version != crate::VERSION {
+        return Err(format!(
+            "client {client} runs splitaux {version}, the server {}",
+            crate::VERSION
+        ));
+    }
+    let n = digests.len();
+    if client >= n {
+        return Err(format!(
+            "client id {client}: this run has {n} clients (ids 0 to {})",
+            n - 1
+        ));
+    }
+    if links[client].is_some() {
+        return Err(format!("client {client} is already connected"));
+    }
+    let keys = differing_keys(config, &theirs);
+    if !keys.is_empty() {
+        return Err(format!(
+            "client {client}'s configuration differs from the server's: {}",
+            keys.join(", ")
+        ));
+    }
+    if shard_digest != digests[client] {
+        return Err(format!(
+            "client {client}'s shard ({shard_images} images) is not the one the server's data \
+             gives it: the processes read different datasets"
+        ));
+    }
+    Ok((client, len))
+}
+
+/// Where a failure happened.
+struct Place {
+    epoch: usize,
+    step: Option<(usize, PacedStep)>,
+}
+
+/// The server's side of a run in progress.
+struct Serving<'a> {
+    config: &'a ExperimentConfig,
+    data: &'a PreparedData,
+    options: &'a ServeOptions,
+    pacer: Pacer,
+    /// FedAvg weights: the shard sizes.
+    weights: Vec<u64>,
+    server: ServerParty,
+    links: Vec<Link>,
+    meter: memory::MemoryMeter,
+    device: burn::tensor::Device,
+    report: Report,
+    /// What each client reported it sent, and its whole traffic, at its latest epoch end.
+    clients_sent: Vec<Bytes>,
+    clients_traffic: Vec<Bytes>,
+    /// Hand-off bytes relayed.
+    relayed: u64,
+    tally: EpochTally,
+    /// Where the run is (named when it fails).
+    place: Place,
+    kill_after: Option<usize>,
+}
+
+impl Serving<'_> {
+    /// The run's training bytes so far, each frame counted once by its sender.
+    fn bytes(&self) -> Bytes {
+        self.server.sent() + self.clients_sent.iter().copied().sum::<Bytes>()
+    }
+
+    /// One epoch; `false` when a loss diverged (the report says where).
+    fn epoch(&mut self, epoch: usize) -> Result<bool, RunError> {
+        let config = self.config;
+        self.place = Place { epoch, step: None };
+        let plan = config
+            .clients
+            .schedule
+            .plan(epoch, self.pacer.batches(), config.train.seed);
+        let bar = progress_bar(
+            self.options.progress,
+            None,
+            self.pacer.steps_per_epoch(),
+            epoch,
+            config.train.epochs,
+            config.train.mode,
+        );
+        self.tally = EpochTally::begin(self.pacer.global_rate(), self.bytes(), bar);
+        if let ModelFlow::Federated { server_copies } = plan.model {
+            for client in 0..self.links.len() {
+                self.server.send_global_client(client)?;
+            }
+            if server_copies {
+                self.server.make_copies(&config.optim)?;
+            }
+        }
+        self.pacer.begin_epoch(epoch);
+        for (index, &client) in plan.steps.iter().enumerate() {
+            let step = self.pacer.next(&plan, client);
+            self.place.step = Some((index, step.clone()));
+            self.step(&step, epoch)?;
+            if self.report.status == RunStatus::Diverged {
+                let reason = self.report.error.clone().unwrap_or_default();
+                self.stop_all(&format!("the run diverged: {reason}"));
+                return Ok(false);
+            }
+        }
+        self.place.step = None;
+        if let ModelFlow::Federated { server_copies } = plan.model {
+            self.server.average_clients(&self.weights)?;
+            if server_copies {
+                self.server.average_copies(&self.weights)?;
+            }
+        }
+        self.tally.stop_clock();
+        let eval_start = Instant::now();
+        let accuracy = self.evaluate(epoch, &plan.model)?;
+        let eval_seconds = eval_start.elapsed().as_secs_f64();
+        for (id, link) in self.links.iter_mut().enumerate() {
+            let (sent, traffic) = link.control.expect("epoch_done", |m| match m {
+                Control::EpochDone {
+                    epoch: e,
+                    sent,
+                    traffic,
+                } if *e == epoch => Some((*sent, *traffic)),
+                _ => None,
+            })?;
+            self.clients_sent[id] = sent;
+            self.clients_traffic[id] = traffic;
+        }
+        let mode = config.train.mode;
+        let metrics = self
+            .tally
+            .metrics(epoch, mode, accuracy, self.bytes(), eval_seconds);
+        if self.options.progress {
+            self.tally.print(&metrics, mode, config.train.epochs);
+        }
+        self.report.test_accuracy = Some(metrics.test_accuracy);
+        self.report.aux_accuracy = metrics.aux_accuracy;
+        self.report.epochs.push(metrics);
+        let mut so_far = self.report.clone();
+        so_far.status = RunStatus::Running;
+        self.write(&so_far)?;
+        let next = if epoch == config.train.epochs {
+            Control::Done
+        } else {
+            Control::NextEpoch { epoch: epoch + 1 }
+        };
+        for link in &mut self.links {
+            link.control.send(&next)?;
+        }
+        Ok(true)
+    }
+
+    /// One step: the hand-offs it needs, then (if the batch trains) serving it.
+    fn step(&mut self, step: &PacedStep, epoch: usize) -> Result<(), RunError> {
+        for &(from, to) in &step.hand_offs {
+            self.relay(from, to)?;
+        }
+        if !step.trains() {
+            return Ok(());
+        }
+        let client = step.client;
+        self.meter.begin_step();
+        let server_loss = self
+            .server
+            .serve(client, step.rates.server, &mut self.meter)?;
+        self.meter.end_step();
+        let client_loss = match self.config.train.mode {
+            Mode::Coupled => None,
+            Mode::Decoupled => {
+                Some(self.links[client].control.expect("aux_loss", |m| match m {
+                    Control::AuxLoss { loss } => Some(loss.unwrap_or(f32::NAN)),
+                    _ => None,
+                })?)
+            }
+        };
+        self.tally.lr = step.rates.server;
+        self.pacer.trained(client);
+        if self.kill_after == Some(self.pacer.global_step()) {
+            // SAFETY: plain libc calls on this process's own id; nothing runs after them.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        let losses = crate::party::StepLosses {
+            server: server_loss,
+            client: client_loss,
+        };
+        if let Some(bad) = non_finite(losses) {
+            self.tally.abandon();
+            self.report.status = RunStatus::Diverged;
+            self.report.error = Some(divergence(
+                bad,
+                epoch,
+                step,
+                self.pacer.batches()[client],
+                self.links.len(),
+            ));
+            return Ok(());
+        }
+        self.tally.add(losses, step.images);
+        Ok(())
+    }
+
+    /// Passes the model's two hand-off frames (weights, optimizer state) from client `from`
+    /// to client `to`, checking that they are what a hand-off carries.
+    fn relay(&mut self, from: usize, to: usize) -> Result<(), RunError> {
+        for kind in [MessageKind::Weights, MessageKind::OptimizerState] {
+            let peer = self.links[from].mux.peer().to_string();
+            let frame = self.links[from]
+                .relay
+                .recv()
+                .map_err(|e| RunError::Party(e.into()))?;
+            let protocol = |source| {
+                RunError::Party(PartyError::Protocol {
+                    peer: peer.clone(),
+                    source,
+                })
+            };
+            let message = Message::decode(&frame).map_err(protocol)?;
+            if message.kind != kind || message.data.shape().num_dims() != 1 {
+                return Err(protocol(ProtocolError::Unexpected {
+                    expected: kind.name(),
+                    got: message.kind.name(),
+                }));
+            }
+            self.relayed += frame.len() as u64;
+            self.links[to]
+                .relay
+                .send(frame)
+                .map_err(|e| RunError::Party(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Has the evaluating client — the model's holder, or client 0 with the global model under
+    /// SplitFed — send the test set's activations; returns the test accuracy (and the
+    /// auxiliary head's).
+    fn evaluate(&mut self, epoch: usize, flow: &ModelFlow) -> Result<(f64, Option<f64>), RunError> {
+        let evaluator = match flow {
+            ModelFlow::HandOff => self.pacer.holder().unwrap_or(0),
+            ModelFlow::Federated { .. } => 0,
+        };
+        let expects_batch = self.config.train.eval_batch_size.max(1);
+        let test = &self.data.test;
+        let classes = self.data.classes;
+        let server = self.server.model().valid();
+        let link = &mut self.links[evaluator];
+        link.control.send(&Control::Evaluate { epoch })?;
+        if let Some(global) = self.server.global_client() {
+            let n = global.len();
+            link.eval.send(&Message {
+                kind: MessageKind::Weights,
+                data: TensorData::new(global.to_vec(), [n]),
+            })?;
+        }
+        let peer = link.mux.peer().to_string();
+        let protocol = |source| {
+            RunError::Party(PartyError::Protocol {
+                peer: peer.clone(),
+                source,
+            })
+        };
+        let [c, h, w] = self.report.cut.activation_shape;
+        let mut right = 0;
+        for batch in 0..test_batch_count(test.len(), expects_batch) {
+            let size = expects_batch.min(test.len() - batch * expects_batch);
+            let activations = link.eval.recv()?;
+            activations
+                .check_dims(&[Some(size), Some(c), Some(h), Some(w)])
+                .map_err(protocol)?;
+            let activations = activations
+                .into_float::<4>(MessageKind::Activations, &self.device)
+                .map_err(protocol)?;
+            let labels = link.eval.recv()?;
+            if labels.kind == MessageKind::Labels {
+                labels.check_labels(size, classes).map_err(protocol)?;
+            }
+            let labels = labels.into_labels(&self.device).map_err(protocol)?;
+            right += correct(server.forward(activations), labels);
+        }
+        let aux_correct = link.control.expect("evaluated", |m| match m {
+            Control::Evaluated { aux_correct } => Some(*aux_correct),
+            _ => None,
+        })?;
+        let n = test.len().max(1) as f64;
+        let decoupled = self.config.train.mode == Mode::Decoupled;
+        Ok((
+            right as f64 / n,
+            decoupled.then(|| aux_correct.unwrap_or(0) as f64 / n),
+        ))
+    }
+
+    /// Tells every client that the run stops (best effort: some may be gone).
+    fn stop_all(&mut self, reason: &str) {
+        for link in &mut self.links {
+            let _ = link.control.send(&Control::Stop {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Ends a run that failed at `place`: the report so far (status `failed`) is written and
+    /// the clients are told; the error names the peer, epoch and step.
+    fn fail(&mut self, error: RunError, started: Instant) -> RunError {
+        let place = &self.place;
+        self.tally.abandon();
+        let at = match &place.step {
+            Some((index, step)) => format!(
+                "epoch {}, step {} of {} (client {}'s batch {} of {})",
+                place.epoch,
+                index + 1,
+                self.pacer.steps_per_epoch(),
+                step.client,
+                step.batch + 1,
+                self.pacer.batches()[step.client]
+            ),
+            None => format!("epoch {}", place.epoch),
+        };
+        let message = format!("{error}, at {at}");
+        self.stop_all(&message);
+        let mut report = self.report.clone();
+        report.status = RunStatus::Failed;
+        report.error = Some(message.clone());
+        report.bytes = self.bytes();
+        report.bytes_per_epoch = report.bytes.per(report.epochs.len());
+        report.wall_seconds = started.elapsed().as_secs_f64();
+        report.network = Some(self.network());
+        match self.write(&report) {
+            Ok(()) => RunError::Failed(message),
+            Err(e) => RunError::Failed(format!("{message}; and the report: {e}")),
+        }
+    }
+
+    fn network(&self) -> NetworkReport {
+        let mut eval_bytes = Bytes::default();
+        let mut control_bytes = 0;
+        let (mut wire_sent, mut wire_received) = (0, 0);
+        let mut clients = Vec::new();
+        for (id, link) in self.links.iter().enumerate() {
+            eval_bytes = eval_bytes + link.eval.sent() + link.eval.received();
+            control_bytes += link.control.bytes;
+            let (sent, received) = link.mux.wire_bytes().unwrap_or((0, 0));
+            wire_sent += sent;
+            wire_received += received;
+            clients.push(ClientWire {
+                id,
+                peer: link.mux.peer().to_string(),
+                wire_sent: sent,
+                wire_received: received,
+            });
+        }
+        NetworkReport {
+            transport: "grpc".into(),
+            tls: self.options.tls,
+            eval_bytes,
+            control_bytes,
+            relayed_bytes: self.relayed,
+            wire_sent,
+            wire_received,
+            clients,
+        }
+    }
+
+    fn finish(&mut self, baseline: u64, server_copies: u64, started: Instant) -> Report {
+        let mut report = self.report.clone();
+        report.bytes = self.bytes();
+        report.bytes_per_epoch = report.bytes.per(report.epochs.len());
+        for (client, traffic) in report.clients.iter_mut().zip(&self.clients_traffic) {
+            client.bytes = *traffic;
+        }
+        if let Some(peaks) = self.meter.peaks() {
+            report.peak_memory_bytes = Some(peaks.step);
+            report.peak_memory = Some(PeakMemoryReport {
+                peaks,
+                baseline,
+                server_copies,
+                source: self.meter.source(),
+            });
+        }
+        report.wall_seconds = started.elapsed().as_secs_f64();
+        report.network = Some(self.network());
+        report
+    }
+
+    /// Writes `report` to the report path (atomically: a reader never sees half a file).
+    fn write(&self, report: &Report) -> Result<(), RunError> {
+        let Some(path) = &self.options.report_path else {
+            return Ok(());
+        };
+        let io =
+            |e: std::io::Error| RunError::Failed(format!("cannot write {}: {e}", path.display()));
+        let text = serde_json::to_string_pretty(report)
+            .map_err(|e| RunError::Failed(format!("the report as JSON: {e}")))?;
+        let partial = path.with_extension("json.partial");
+        std::fs::write(&partial, text + "\n").map_err(io)?;
+        std::fs::rename(&partial, path).map_err(io)
+    }
+}
