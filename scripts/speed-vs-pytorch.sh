@@ -4,9 +4,14 @@
 # modes. Each repetition runs PyTorch and then splitaux back to back, so both see the same machine
 # state; the table reports the median images/s over the repetitions and the ratio of the medians.
 #
+# Above the table it prints the machine as splitaux's kernels see it (`splitaux bench --cpu`):
+# CPU model, family/model, L1d and L2 per core, the SIMD/AMX features, and the kernel path taken.
+#
 # usage: scripts/speed-vs-pytorch.sh [repetitions] [extra splitaux bench flags…]
 # env:   PYTHON (default /tmp/torchpeer/bin/python, see torch_step.py's header for the set-up),
-#        SPLITAUX (default target/release/splitaux), STEPS (timed steps per run, default 20)
+#        SPLITAUX (default target/release/splitaux), STEPS (timed steps per run, default 20),
+#        SPLITAUX_KERNEL_PATH (avx512|avx2|portable|auto: forces the kernel path, see
+#        src/kernels/cpu.rs; passed on to splitaux)
 set -euo pipefail
 
 reps=${1:-3}
@@ -21,6 +26,8 @@ common=(--depth 20 --batch 128 --threads 2 --steps "$steps")
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 median() { tr ' ' '\n' | sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 
+"$splitaux" bench --cpu
+echo
 echo "| ResNet-20, batch 128, 2 threads | PyTorch images/s | splitaux images/s | ratio | splitaux peak step memory |"
 echo "| --- | --- | --- | --- | --- |"
 for cut in 3 6; do

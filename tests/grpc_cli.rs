@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TINY, cifar10, deterministic_part, json_stdout, splitaux};
+use common::{TINY, cifar10, deterministic_part, splitaux, train_json};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -106,44 +106,45 @@ impl Server {
     }
 }
 
+/// The arguments of `splitaux client` number `id` against `server`.
+fn client_args(server: &Server, id: usize, out: &Path, args: &[String]) -> Vec<std::ffi::OsString> {
+    let mut all: Vec<std::ffi::OsString> = ["client", "--offline", "--connect", &server.addr]
+        .iter()
+        .map(Into::into)
+        .collect();
+    all.extend([
+        "--data-dir".into(),
+        cifar10().into(),
+        "--out".into(),
+        out.into(),
+    ]);
+    all.extend(["--client-id".into(), id.to_string().into()]);
+    all.extend(args.iter().map(Into::into));
+    all
+}
+
 /// `splitaux client` number `id` against `server`.
 fn client(server: &Server, id: usize, out: &Path, args: &[String]) -> assert_cmd::Command {
     let mut cmd = splitaux();
-    cmd.args([
-        "client",
-        "--offline",
-        "--connect",
-        &server.addr,
-        "--data-dir",
-    ])
-    .arg(cifar10())
-    .args(["--client-id", &id.to_string()])
-    .arg("--out")
-    .arg(out)
-    .args(args)
-    .timeout(Duration::from_secs(120));
+    cmd.args(client_args(server, id, out, args))
+        .timeout(Duration::from_secs(120));
     cmd
 }
 
 /// The same client as a background process.
 fn spawn_client(server: &Server, id: usize, out: &Path, args: &[String]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_splitaux"))
-        .args([
-            "client",
-            "--offline",
-            "--connect",
-            &server.addr,
-            "--data-dir",
-        ])
-        .arg(cifar10())
-        .args(["--client-id", &id.to_string()])
-        .arg("--out")
-        .arg(out)
-        .args(args)
+        .args(client_args(server, id, out, args))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Runs `command`, asserts that it fails, and returns its stderr.
+fn failure_message(command: &mut assert_cmd::Command) -> String {
+    let output = command.assert().failure().get_output().clone();
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn stderr_of(child: Child) -> (bool, String) {
@@ -185,16 +186,9 @@ fn runs_over_grpc_equal_in_process_runs() {
         ];
         let args = settings(&extra.iter().map(String::as_str).collect::<Vec<_>>());
         let run = |transport: &str, out: &Path| {
-            json_stdout(
-                splitaux()
-                    .args(["train", "--offline", "--json", "--data-dir"])
-                    .arg(cifar10())
-                    .arg("--out")
-                    .arg(out)
-                    .args(&args)
-                    .args(["--transport", transport])
-                    .timeout(Duration::from_secs(300)),
-            )
+            let mut with = args.clone();
+            with.extend(["--transport".into(), transport.into()]);
+            train_json(&with.iter().map(String::as_str).collect::<Vec<_>>(), out)
         };
         let (memory_out, grpc_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let in_process = run("memory", memory_out.path());
@@ -250,21 +244,12 @@ fn a_wrong_token_is_refused_and_the_server_goes_on_serving() {
     let mut with_wrong = one.clone();
     with_wrong.extend(["--token-file".into(), wrong.display().to_string()]);
     let started = Instant::now();
-    let refused = client(&server, 0, dir.path(), &with_wrong)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&refused.stderr);
+    let message = failure_message(&mut client(&server, 0, dir.path(), &with_wrong));
     assert!(message.contains("wrong token"), "{message}");
     assert!(message.contains(&server.addr), "{message}");
     assert!(started.elapsed() < Duration::from_secs(30), "not retried");
-    let missing = client(&server, 0, dir.path(), &one)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("no token presented"));
+    let missing = failure_message(&mut client(&server, 0, dir.path(), &one));
+    assert!(missing.contains("no token presented"), "{missing}");
 
     let mut with_token = one.clone();
     with_token.extend(["--token-file".into(), token.display().to_string()]);
@@ -330,12 +315,7 @@ fn a_tls_run_works_and_a_client_trusting_another_ca_is_refused() {
         ]);
         args
     };
-    let refused = client(&server, 0, dir.path(), &trusting(&other_ca))
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&refused.stderr);
+    let message = failure_message(&mut client(&server, 0, dir.path(), &trusting(&other_ca)));
     assert!(message.contains("certificate"), "{message}");
     assert!(message.contains(&server.addr), "{message}");
     client(&server, 0, dir.path(), &trusting(&ca))
@@ -355,12 +335,7 @@ fn hello_refuses_other_settings_and_taken_or_unknown_ids_by_name() {
     let server = Server::start(dir.path(), &args, &[]);
     let mut other_lr = args.clone();
     other_lr.extend(["--set".into(), "optim.lr=0.5".into()]);
-    let refused = client(&server, 0, dir.path(), &other_lr)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&refused.stderr);
+    let message = failure_message(&mut client(&server, 0, dir.path(), &other_lr));
     assert!(message.contains("refused this client"), "{message}");
     assert!(message.contains("optim.lr"), "{message}");
 
@@ -371,22 +346,12 @@ fn hello_refuses_other_settings_and_taken_or_unknown_ids_by_name() {
         assert!(Instant::now() < deadline, "client 0 never joined");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let taken = client(&server, 0, dir.path(), &args)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&taken.stderr);
+    let message = failure_message(&mut client(&server, 0, dir.path(), &args));
     assert!(
         message.contains("client 0 is already connected"),
         "{message}"
     );
-    let unknown = client(&server, 5, dir.path(), &args)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&unknown.stderr);
+    let message = failure_message(&mut client(&server, 5, dir.path(), &args));
     assert!(message.contains("client id 5"), "{message}");
 
     client(&server, 1, dir.path(), &args).assert().success();
@@ -404,39 +369,22 @@ fn hello_refuses_other_settings_and_taken_or_unknown_ids_by_name() {
 fn plaintext_off_loopback_needs_insecure() {
     let args = settings(&[]);
     let out = tempfile::tempdir().unwrap();
-    let refused = splitaux()
-        .args([
-            "client",
-            "--offline",
-            "--connect",
-            "10.1.2.3:7070",
-            "--client-id",
-            "0",
-        ])
-        .arg("--data-dir")
-        .arg(cifar10())
-        .arg("--out")
-        .arg(out.path())
-        .args(&args)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&refused.stderr);
-    assert!(message.contains("--insecure"), "{message}");
-    let refused = splitaux()
-        .args(["serve", "--offline", "--listen", "0.0.0.0:0"])
-        .arg("--data-dir")
-        .arg(cifar10())
-        .arg("--out")
-        .arg(out.path())
-        .args(&args)
-        .assert()
-        .failure()
-        .get_output()
-        .clone();
-    let message = String::from_utf8_lossy(&refused.stderr);
-    assert!(message.contains("--insecure"), "{message}");
+    // Both refuse before touching the network.
+    for party in [
+        ["client", "--connect", "10.1.2.3:7070", "--client-id", "0"],
+        ["serve", "--listen", "0.0.0.0:0", "--wait-for-clients", "1"],
+    ] {
+        let message = failure_message(
+            splitaux()
+                .args(party)
+                .args(["--offline", "--data-dir"])
+                .arg(cifar10())
+                .arg("--out")
+                .arg(out.path())
+                .args(&args),
+        );
+        assert!(message.contains("--insecure"), "{}: {message}", party[0]);
+    }
 }
 
 #[test]
@@ -510,4 +458,40 @@ fn a_killed_server_makes_every_client_exit_naming_its_address() {
             "client {id}: {stderr}"
         );
     }
+}
+
+#[test]
+fn a_diverging_run_over_grpc_stops_where_the_in_process_run_stops() {
+    let args = settings(&[
+        "--mode",
+        "decoupled",
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.schedule=constant",
+        "--set",
+        "train.epochs=3",
+    ]);
+    let run = |transport: &str, out: &Path| {
+        let message = failure_message(
+            splitaux()
+                .args(["train", "--offline", "--json", "--data-dir"])
+                .arg(cifar10())
+                .arg("--out")
+                .arg(out)
+                .args(&args)
+                .args(["--transport", transport])
+                .timeout(Duration::from_secs(300)),
+        );
+        assert!(
+            message.contains("training diverged"),
+            "{transport}: {message}"
+        );
+        read_json(&out.join("decoupled.json"))
+    };
+    let (memory_out, grpc_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let in_process = run("memory", memory_out.path());
+    let over_grpc = run("grpc", grpc_out.path());
+    assert_eq!(in_process["status"], "diverged");
+    assert_eq!(comparable(over_grpc), comparable(in_process));
 }

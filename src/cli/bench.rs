@@ -52,9 +52,16 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Only print the CPU the kernels see (caches, features) and the kernel path they take.
+    #[arg(long)]
+    pub cpu: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.cpu {
+        println!("{}", splitaux::kernels::cpu::describe());
+        return Ok(());
+    }
     if args.batch < 2 {
         bail!(
             "--batch {}: BatchNorm needs at least 2 images per batch",

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use splitaux::config::ExperimentConfig;
 use splitaux::data::locate;
-use splitaux::report::{self, Report};
+use splitaux::report::{self, Report, RunStatus};
 
 use super::train::TrainArgs;
 
@@ -38,8 +38,11 @@ pub fn train_over_grpc(args: &TrainArgs, config: &ExperimentConfig, out: &Path) 
             .arg("--data-dir")
             .arg(&data_root)
             .arg("--out")
-            .arg(out)
-            .arg("--json");
+            .arg(out);
+        // Machine-readable output keeps the server and clients quiet (no epoch lines).
+        if args.json || role == "client" {
+            cmd.arg("--json");
+        }
         if args.source.offline {
             cmd.arg("--offline");
         }
@@ -77,21 +80,38 @@ pub fn train_over_grpc(args: &TrainArgs, config: &ExperimentConfig, out: &Path) 
     }
     let server_ok = wait_all(&mut server, &mut clients)?;
     let report_path = out.join(format!("{}.json", config.train.mode.name()));
-    if !server_ok {
+    let report = std::fs::read_to_string(&report_path).ok().and_then(|text| {
+        serde_json::from_str::<Report>(&text)
+            .ok()
+            .map(|r| (text, r))
+    });
+    let Some((text, report)) = report else {
         bail!(
-            "the server failed (its report so far, if any, is in {})",
+            "the server wrote no report at {} (see its message above)",
             report_path.display()
         );
+    };
+    if report.status != RunStatus::Running {
+        if args.json {
+            println!("{}", text.trim_end());
+        } else {
+            print!("{}", report::summary(&report));
+            eprintln!("reports written to {}", out.display());
+        }
     }
-    let text = std::fs::read_to_string(&report_path)
-        .with_context(|| format!("the server wrote no report at {}", report_path.display()))?;
-    let report: Report = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a splitaux report", report_path.display()))?;
-    if args.json {
-        println!("{}", text.trim_end());
-    } else {
-        print!("{}", report::summary(&report));
-        eprintln!("reports written to {}", out.display());
+    let error = report.error.as_deref().unwrap_or_default();
+    match report.status {
+        RunStatus::Completed if server_ok => {}
+        RunStatus::Diverged => bail!(
+            "{} training diverged: {error} (report kept in {})",
+            report.mode.name(),
+            out.display()
+        ),
+        RunStatus::Failed => bail!("the run failed: {error} (report kept in {})", out.display()),
+        _ => bail!(
+            "the server failed (its report so far is in {})",
+            report_path.display()
+        ),
     }
     if let Some(failed) = clients.iter_mut().position(|c| !exited_ok(c)) {
         bail!("client {failed} failed (see its message above)");

@@ -178,18 +178,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         timeout: Duration::from_secs(party.timeout),
         tls: tls.is_some(),
     };
-    let report = run_server(&config, &data, &mut listener, &options)
-        .with_context(|| format!("report so far in {}", report_path.display()))
-        .map_err(|e| {
-            // The run's own error first, where the report is after it.
-            anyhow::anyhow!(
-                "{}",
-                e.chain()
-                    .rev()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
+    let report =
+        run_server(&config, &data, &mut listener, &options).map_err(|e| {
+            match report_path.exists() {
+                true => anyhow::anyhow!("{e}; the report so far is in {}", report_path.display()),
+                false => e.into(),
+            }
         })?;
     if party.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

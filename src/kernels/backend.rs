@@ -12,7 +12,8 @@ use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{FlexTensor, Layout};
 
 use super::batch_norm::{self, NormShape, ReluGate, Stats};
-use super::conv::{self, ConvGeometry};
+use super::conv;
+use super::geometry::ConvGeometry;
 
 /// Operations splitaux supplies to burn for its CPU backend.
 #[backend_extension(Flex, Autodiff)]

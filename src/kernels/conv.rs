@@ -17,47 +17,12 @@ use super::direct;
 use super::gemm::{MatRef, matmul, matmul_uninit};
 use super::{REDUCTION_CHUNK, sum_in_order};
 
-/// Shape of a square-kernel convolution without dilation, groups or bias.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvGeometry {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub height: usize,
-    pub width: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-}
+// The geometry lives in its own leaf module (shared with `direct`); re-exported here so
+// `kernels::conv::ConvGeometry` keeps working.
+pub use super::geometry::ConvGeometry;
 
+// The im2col layout of a geometry: this module's own (the shape helpers are in `geometry`).
 impl ConvGeometry {
-    pub fn out_height(&self) -> usize {
-        (self.height + 2 * self.padding - self.kernel) / self.stride + 1
-    }
-
-    pub fn out_width(&self) -> usize {
-        (self.width + 2 * self.padding - self.kernel) / self.stride + 1
-    }
-
-    /// Elements of one image of the input, `in · h · w`.
-    pub fn in_len(&self) -> usize {
-        self.in_channels * self.height * self.width
-    }
-
-    /// Elements of one image of the output, `out · out_h · out_w`.
-    pub fn out_len(&self) -> usize {
-        self.out_channels * self.out_plane()
-    }
-
-    fn out_plane(&self) -> usize {
-        self.out_height() * self.out_width()
-    }
-
-    /// Rows of the patch matrix, `in · k · k` (the columns of the flattened weight).
-    fn patch_len(&self) -> usize {
-        self.in_channels * self.kernel * self.kernel
-    }
-
     /// Distance between rows of an im2col patch matrix: the plane plus one cache line. A plane
     /// of 32×32 floats is 4 KiB, so unpadded rows would all map to the same cache sets, and the
     /// GEMM, which walks down the rows, would keep evicting its own operand (a stage-1
@@ -724,9 +689,10 @@ mod tests {
         }
     }
 
-    /// The dispatch follows the CPU: with AVX-512 F and VL (this project's machines) the direct
-    /// kernels take ResNet's stride-1 convolutions, so the comparisons above exercise both
-    /// paths; stride 2 and 8×8 weight gradients stay on im2col + GEMM.
+    /// The dispatch follows the kernel path (`cpu::kernel_path`): on the AVX-512 path (CPUs
+    /// with AVX-512 F and VL, unless `SPLITAUX_KERNEL_PATH` forces another) the direct kernels
+    /// take ResNet's stride-1 convolutions, so the comparisons above exercise both paths;
+    /// stride 2 and 8×8 weight gradients stay on im2col + GEMM.
     #[test]
     fn direct_kernels_cover_resnet_convolutions_where_the_cpu_allows() {
         let g = ConvGeometry {
@@ -739,11 +705,18 @@ mod tests {
             stride: 1,
             padding: 1,
         };
+        use super::super::cpu::{KernelPath, kernel_path};
+        let cpu = kernel_path() == KernelPath::Avx512;
         #[cfg(target_arch = "x86_64")]
-        let cpu = std::arch::is_x86_feature_detected!("avx512f")
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl");
         #[cfg(not(target_arch = "x86_64"))]
-        let cpu = false;
+        let avx512 = false;
+        // The path never outruns the CPU (the direct kernels' `unsafe` relies on it).
+        assert!(
+            !cpu || avx512,
+            "AVX-512 path on a CPU without AVX-512 F and VL"
+        );
         assert_eq!(direct::handles(&g), cpu);
         assert_eq!(direct::handles_weight_gradient(&g), cpu);
         assert!(!direct::handles_weight_gradient(&ConvGeometry {

@@ -1,7 +1,8 @@
 //! Direct convolution with AVX-512 for stride-1 "same" convolutions (odd kernel `k`, padding
 //! `(k − 1)/2`): the forward pass of ResNet's 3×3 convolutions, through the flipped-weight
 //! adjoint in [`super::conv`] their input gradient, and (3×3, planes ≥ 16 wide) their weight
-//! gradient. No patch matrix is built. CPUs without AVX-512 use im2col + GEMM instead.
+//! gradient. No patch matrix is built. CPUs without AVX-512 (and runs forcing another path with
+//! `SPLITAUX_KERNEL_PATH`, see [`super::cpu`]) use im2col + GEMM instead.
 //!
 //! Each image is copied once into zero-padded planes, `(h + k − 1) × (w + k − 1)` per channel.
 //! The output is computed on the *padded-width grid*: position `g = oh·w′ + ow` with
@@ -16,7 +17,8 @@
 
 use std::mem::MaybeUninit;
 
-use super::conv::ConvGeometry;
+use super::cpu::{self, KernelPath};
+use super::geometry::ConvGeometry;
 
 /// Output channels per register tile (weights are padded to a multiple of it).
 const OUT_BLOCK: usize = 8;
@@ -24,26 +26,17 @@ const OUT_BLOCK: usize = 8;
 const MAX_VECTORS: usize = 3;
 const LANES: usize = 16;
 
-/// Whether this CPU runs the direct kernel, and `g` is a geometry it handles.
+/// Whether this process runs the direct kernel, and `g` is a geometry it handles. The kernel
+/// runs on the [`KernelPath::Avx512`] path only, which [`cpu::kernel_path`] returns only when
+/// the CPU has AVX-512 F and VL (VL as well as F: without it LLVM keeps loop-carried
+/// accumulators in zmm0–15 only and spills the rest, since the 128-bit zeroing idiom it uses
+/// needs VL to reach zmm16–31). `SPLITAUX_KERNEL_PATH=avx2|portable` turns it off.
 pub fn handles(g: &ConvGeometry) -> bool {
     g.stride == 1
         && g.kernel % 2 == 1
         && 2 * g.padding == g.kernel - 1
         && g.in_channels > 0
-        && avx512()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    // VL as well as F: without it LLVM keeps loop-carried accumulators in zmm0–15 only and
-    // spills the rest (the 128-bit zeroing idiom it uses needs VL to reach zmm16–31).
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn avx512() -> bool {
-    false
+        && cpu::kernel_path() == KernelPath::Avx512
 }
 
 /// The weights of a convolution reordered for the kernel: `[in, k·k, out′]`, `out′` the output

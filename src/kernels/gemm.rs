@@ -1,5 +1,15 @@
 //! A safe face for the `gemm` crate's single-threaded f32 matrix product (the crate burn-flex
 //! multiplies with). Our kernels parallelize over images themselves, one product per image.
+//!
+//! There is no feature dispatch here: the crate picks its microkernel once per process itself
+//! (AVX-512F with the `x86-v4` feature, else FMA, else scalar; `gemm-common`'s `init_gemm_fn`)
+//! and exposes no way to force one, so `SPLITAUX_KERNEL_PATH` (see [`super::cpu`]) does not
+//! reach the product. In the crate's main path each output element is one lane of one
+//! accumulator, summed in `k` order within depth blocks (`kc`: `min(k, 512)` when `m, n ≤ 64`,
+//! else derived from the L1 geometry and the microkernel's height), so the vector width alone
+//! does not change the order, but the depth blocking can. Tiny products (`m·n ≤ 256` with both
+//! operands contiguous along `k`) take lane-wise "horizontal" kernels instead, whose order does
+//! depend on the vector width; ResNet's convolutions are all larger.
 
 use std::mem::MaybeUninit;
 

@@ -14,8 +14,10 @@ mod backend;
 pub mod batch_norm;
 mod buffer;
 pub mod conv;
+pub mod cpu;
 pub mod direct;
 mod gemm;
+pub mod geometry;
 
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::BatchNorm;

@@ -156,7 +156,8 @@ fn inference_and_unsupported_convolutions_fall_back_to_burn() {
 #[test]
 fn reductions_do_not_depend_on_the_thread_count() {
     use super::batch_norm::{self as bn, NormShape, ReluGate};
-    use super::conv::{self, ConvGeometry};
+    use super::conv;
+    use super::geometry::ConvGeometry;
 
     let g = ConvGeometry {
         batch: 40, // more than two reduction chunks, the last one partial

@@ -193,14 +193,15 @@ impl ClientParty {
             return Ok(());
         };
         meter.enter(Phase::Client);
-        let g = self
-            .to_server
-            .recv()?
-            .into_float(MessageKind::Gradients, &self.device)
-            .map_err(|source| PartyError::Protocol {
-                peer: "server".into(),
-                source,
-            })?;
+        let peer = self.to_server.peer().to_string();
+        let protocol = |source| PartyError::Protocol { peer, source };
+        let g = self.to_server.recv()?;
+        let dims: Vec<Option<usize>> = h.dims().into_iter().map(Some).collect();
+        let g = match g.check_dims(&dims) {
+            Ok(()) => g.into_float(MessageKind::Gradients, &self.device),
+            Err(e) => Err(e),
+        }
+        .map_err(protocol)?;
         // The surrogate's gradient with respect to `h` is `g`: its backward pass continues the
         // chain rule from the server.
         let model = self
@@ -286,7 +287,7 @@ impl ClientParty {
             .recv()?
             .into_vec(MessageKind::Weights)
             .map_err(|source| PartyError::Protocol {
-                peer: "server".into(),
+                peer: self.to_server.peer().to_string(),
                 source,
             })?;
         let template = match (self.template.take(), self.model.take()) {
@@ -301,7 +302,7 @@ impl ClientParty {
         };
         let model = load_client_state(template, &values, self.update.carries_aux_head()).map_err(
             |source| PartyError::Model {
-                peer: "server".into(),
+                peer: self.to_server.peer().to_string(),
                 source,
             },
         )?;

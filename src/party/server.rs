@@ -98,6 +98,11 @@ impl ServerParty {
         self.global_client.as_deref()
     }
 
+    /// The links to the clients (`[i]` to client `i`), with their counts.
+    pub fn links(&self) -> &[Endpoint] {
+        &self.links
+    }
+
     fn link(&mut self, client: usize) -> Result<&mut Endpoint, PartyError> {
         self.links
             .get_mut(client)

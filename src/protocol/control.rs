@@ -29,9 +29,9 @@ pub enum Control {
     Welcome,
     /// Server → client: not admitted, and why (the link closes).
     Refused { reason: String },
-    /// Client → server, decoupled mode, after each trained step: its auxiliary loss (`null`
-    /// when it is not finite).
-    AuxLoss { loss: Option<f32> },
+    /// Client → server, decoupled mode, after each trained step: its auxiliary loss, as the
+    /// bits of the `f32` (exact, NaN and infinities included).
+    AuxLoss { loss_bits: u32 },
     /// Server → client: evaluate the client-side model on the test set now.
     Evaluate { epoch: usize },
     /// Client → server: the evaluation's batches are sent; the auxiliary head's correct
@@ -48,6 +48,8 @@ pub enum Control {
     NextEpoch { epoch: usize },
     /// Server → client: the run is finished.
     Done,
+    /// Client → server, after `done`: it has everything; the server may close the link.
+    Bye,
     /// Either way: the run stops on an error (the reason names the party at fault).
     Stop { reason: String },
 }
@@ -64,6 +66,7 @@ impl Control {
             Control::EpochDone { .. } => "epoch_done",
             Control::NextEpoch { .. } => "next_epoch",
             Control::Done => "done",
+            Control::Bye => "bye",
             Control::Stop { .. } => "stop",
         }
     }
@@ -99,7 +102,9 @@ mod tests {
             shard_digest: "ab".into(),
         };
         assert_eq!(Control::decode(&hello.encode()).unwrap(), hello);
-        let loss = Control::AuxLoss { loss: None };
+        let loss = Control::AuxLoss {
+            loss_bits: f32::NAN.to_bits(),
+        };
         assert_eq!(Control::decode(&loss.encode()).unwrap(), loss);
         assert!(Control::decode(b"{\"type\":\"launch\"}").is_err());
         assert!(Control::decode(&vec![b' '; MAX_CONTROL_BYTES + 1]).is_err());

@@ -165,6 +165,13 @@ impl Message {
         device: &Device,
     ) -> Result<Tensor<D>, ProtocolError> {
         self.expect(kind, D)?;
+        if !self.data.dtype().is_float() {
+            return Err(ProtocolError::Malformed(format!(
+                "{} of dtype {:?} (expected floats)",
+                kind.name(),
+                self.data.dtype()
+            )));
+        }
         Ok(Tensor::from_data(self.data, device))
     }
 

@@ -102,6 +102,15 @@ impl Pacer {
         self.holder
     }
 
+    /// The client that evaluates after an epoch of `plan`: the model's holder (sequential), or
+    /// client 0 with the global model (SplitFed).
+    pub fn evaluator(&self, plan: &EpochPlan) -> usize {
+        match plan.model {
+            ModelFlow::HandOff => self.holder.unwrap_or(0),
+            ModelFlow::Federated { .. } => 0,
+        }
+    }
+
     /// Continues from a checkpoint: `global_step` steps trained, `holder` holding the model.
     pub fn resume(&mut self, global_step: usize, holder: Option<usize>) {
         self.global_step = global_step;

@@ -54,13 +54,7 @@ pub fn run(
     let mut config = config.clone();
     config.train.mode = mode;
     let parts = data.partition(&config)?;
-    let setup = RunSetup::new(
-        &config,
-        data.classes,
-        Arc::clone(&data.train),
-        parts.clone(),
-        data.normalization,
-    )?;
+    let setup = RunSetup::from_data(&config, data, parts.clone())?;
     let baseline = memory::current() as u64;
 
     let shard_sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
@@ -78,9 +72,7 @@ pub fn run(
         epoch: EpochTally::default(),
         checkpoint_dir,
         earlier_seconds: 0.0,
-        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        kill_after: KillSwitch::from_env(),
     };
     let first = match resume {
         Some(checkpoint) => trainer.restore(&checkpoint)? + 1,
@@ -173,8 +165,7 @@ struct Trainer<'a> {
     checkpoint_dir: Option<PathBuf>,
     /// Seconds spent in earlier processes of a resumed run.
     earlier_seconds: f64,
-    /// See [`KILL_AFTER_STEP_ENV`].
-    kill_after: Option<usize>,
+    kill_after: KillSwitch,
 }
 
 impl Trainer<'_> {
@@ -338,22 +329,9 @@ impl Trainer<'_> {
                 .parties
                 .step(client, images, labels, step.rates, &mut self.setup.meter)?;
         self.pacer.trained(client);
-        if self.kill_after == Some(self.pacer.global_step()) {
-            // SAFETY: plain libc calls on this process's own id; nothing runs after them.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
-        if let Some(bad) = non_finite(losses) {
+        self.kill_after.after(self.pacer.global_step());
+        if check_divergence(&mut self.report, losses, epoch, step, &self.pacer) {
             self.epoch.abandon();
-            self.report.status = RunStatus::Diverged;
-            self.report.error = Some(divergence(
-                bad,
-                epoch,
-                step,
-                self.pacer.batches()[client],
-                self.shard_sizes.len(),
-            ));
             return Ok(Flow::Stop);
         }
         self.epoch.add(losses, step.images);
@@ -417,28 +395,56 @@ impl Trainer<'_> {
     }
 }
 
-/// The report's error for a loss that stopped being finite at `step`.
-pub(crate) fn divergence(
-    bad: &str,
+/// Marks `report` diverged when a loss of `step` is not finite; whether it did.
+pub(crate) fn check_divergence(
+    report: &mut Report,
+    losses: StepLosses,
     epoch: usize,
     step: &PacedStep,
-    batches: usize,
-    clients: usize,
-) -> String {
-    let place = if clients == 1 {
-        format!("step {} of {batches}", step.batch + 1)
-    } else {
-        format!(
-            "client {}, step {} of {batches}",
-            step.client,
-            step.batch + 1
-        )
+    pacer: &Pacer,
+) -> bool {
+    let Some(bad) = non_finite(losses) else {
+        return false;
     };
-    format!("{bad} loss is not finite at epoch {epoch}, {place}")
+    let batches = pacer.batches()[step.client];
+    let (client, batch) = (step.client, step.batch + 1);
+    let place = match pacer.batches().len() {
+        1 => format!("step {batch} of {batches}"),
+        _ => format!("client {client}, step {batch} of {batches}"),
+    };
+    report.status = RunStatus::Diverged;
+    report.error = Some(format!(
+        "{bad} loss is not finite at epoch {epoch}, {place}"
+    ));
+    true
+}
+
+/// The test hook of [`KILL_AFTER_STEP_ENV`]: the process kills itself after its N-th step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KillSwitch(Option<usize>);
+
+impl KillSwitch {
+    pub(crate) fn from_env() -> Self {
+        Self(
+            std::env::var(KILL_AFTER_STEP_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        )
+    }
+
+    /// SIGKILLs this process if `steps` is the set count.
+    pub(crate) fn after(&self, steps: usize) {
+        if self.0 == Some(steps) {
+            // SAFETY: plain libc calls on this process's own id; nothing runs after them.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// Which loss is NaN or infinite, if any.
-pub(crate) fn non_finite(losses: StepLosses) -> Option<&'static str> {
+fn non_finite(losses: StepLosses) -> Option<&'static str> {
     if !losses.server.is_finite() {
         Some("server")
     } else if losses.client.is_some_and(|l| !l.is_finite()) {

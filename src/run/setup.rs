@@ -62,6 +62,21 @@ pub struct RunSetup {
 }
 
 impl RunSetup {
+    /// [`Self::new`] for `data`'s training images divided into `shards`.
+    pub fn from_data(
+        config: &ExperimentConfig,
+        data: &super::PreparedData,
+        shards: Vec<Vec<usize>>,
+    ) -> Result<Self, RunError> {
+        Self::new(
+            config,
+            data.classes,
+            Arc::clone(&data.train),
+            shards,
+            data.normalization,
+        )
+    }
+
     /// Builds the parties for `config`; `shards[i]` holds client `i`'s images, as indices into
     /// `train` (one shard per client), normalized with `normalization`. Client 0 starts with the
     /// model; with one client, this is exactly the single-client set-up (same initialization,

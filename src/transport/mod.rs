@@ -46,4 +46,8 @@ pub trait Transport: Send {
     fn wire_bytes(&self) -> Option<(u64, u64)> {
         None
     }
+
+    /// Waits at most `wait` for each frame from now on, where the transport waits at all (the
+    /// in-memory one never does).
+    fn set_recv_timeout(&mut self, _wait: Duration) {}
 }

@@ -55,9 +55,9 @@ impl Channel {
     }
 }
 
-/// Frames held for a channel that is not being read, at most (a lock-step protocol never
-/// needs more than a few).
-pub const HELD_FRAMES: usize = 64;
+/// Frames held for a channel that is not being read, at most (the protocol needs a few: a
+/// decoupled client's step is three frames on two channels).
+pub const HELD_FRAMES: usize = 16;
 
 /// Tags `frame` with `channel` (the one byte in front).
 pub fn tag(channel: Channel, frame: &[u8]) -> Vec<u8> {
@@ -115,6 +115,17 @@ impl Mux {
     /// A transport for one channel of this link.
     pub fn channel(&self, channel: Channel) -> MuxChannel {
         MuxChannel {
+            peer: self.peer.clone(),
+            mux: self.clone(),
+            channel,
+        }
+    }
+
+    /// A channel whose frames come from (or go to) `peer` through the party at the other end
+    /// (a relayed hand-off), named so in errors.
+    pub fn relayed_channel(&self, channel: Channel, peer: String) -> MuxChannel {
+        MuxChannel {
+            peer,
             mux: self.clone(),
             channel,
         }
@@ -123,6 +134,11 @@ impl Mux {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         // A panic while holding the lock leaves plain queues behind: still usable.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits at most `wait` for each frame from now on.
+    pub fn set_recv_timeout(&self, wait: std::time::Duration) {
+        self.lock().transport.set_recv_timeout(wait);
     }
 
     /// The socket bytes (sent, received) the underlying transport counted, if it can.
@@ -163,13 +179,14 @@ impl Mux {
 
 /// One channel of a [`Mux`], usable wherever a transport is.
 pub struct MuxChannel {
+    peer: String,
     mux: Mux,
     channel: Channel,
 }
 
 impl Transport for MuxChannel {
     fn peer(&self) -> &str {
-        self.mux.peer()
+        &self.peer
     }
 
     fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {

@@ -3,7 +3,6 @@
 //! auxiliary head or waiting for the cut gradient, handing the model on through the server —
 //! evaluates when it is the evaluating client, and reports its own traffic and memory.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -22,7 +21,8 @@ use crate::protocol::{Bytes, Direction, Message, MessageKind};
 use crate::report::RunStatus;
 use crate::run::eval::test_batches;
 use crate::run::pace::Pacer;
-use crate::run::{KILL_AFTER_STEP_ENV, PreparedData, RunError, RunSetup};
+use crate::run::runner::KillSwitch;
+use crate::run::{PreparedData, RunError, RunSetup};
 use crate::transport::Transport;
 use crate::transport::mux::{self, Channel, Mux};
 
@@ -81,8 +81,7 @@ pub fn take_part(
         .send(mux::tag(Channel::Control, &hello))
         .map_err(|e| RunError::Party(e.into()))?;
     let mux = Mux::new(transport);
-    let mut control = ControlLink::new(&mux);
-    control.bytes += hello_len as u64;
+    let mut control = ControlLink::new(&mux, hello_len as u64);
     match control.recv()? {
         Control::Welcome => {}
         Control::Refused { reason } => {
@@ -98,51 +97,23 @@ pub fn take_part(
             });
         }
     }
-
-    let setup = RunSetup::new(
-        config,
-        data.classes,
-        Arc::clone(&data.train),
-        parts.clone(),
-        data.normalization,
-    )?;
-    let RunSetup {
-        parties,
-        meter,
-        device,
-        ..
-    } = setup;
-    let mut clients = parties.clients;
-    let mut me = clients.swap_remove(id);
-    // The other parties live in their own processes.
-    drop(clients);
-    let hands_off = me.hands_off();
-    me.attach_links(
-        Endpoint::new(Box::new(mux.channel(Channel::Train)), Direction::Up),
-        hands_off.then(|| Endpoint::new(Box::new(mux.channel(Channel::Relay)), Direction::Up)),
-        hands_off.then(|| Endpoint::new(Box::new(mux.channel(Channel::Relay)), Direction::Up)),
-    );
-    let shard_sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
-    let mut taking = Taking {
-        config,
-        data,
-        me,
-        eval: Endpoint::new(Box::new(mux.channel(Channel::Eval)), Direction::Up),
-        eval_template: parties.eval_template,
-        pacer: Pacer::new(config, &shard_sizes),
-        meter,
-        device,
-        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok()),
-        trained: 0,
+    let images = shard.len();
+    let mut taking = match Taking::new(config, data, id, parts.clone(), &mux) {
+        Ok(taking) => taking,
+        Err(error) => {
+            // The server is waiting for this client: say why it will not come.
+            let _ = control.send(&Control::Stop {
+                reason: format!("client {id}: {error}"),
+            });
+            return Err(error);
+        }
     };
     let mut report = ClientRunReport {
         id,
         server,
         status: RunStatus::Completed,
         error: None,
-        images: shard.len(),
+        images,
         epochs: 0,
         bytes: Bytes::default(),
         eval_bytes: Bytes::default(),
@@ -155,10 +126,15 @@ pub fn take_part(
             Ok(true) => report.epochs = epoch,
             Ok(false) => {
                 report.epochs = epoch;
+                // Tell the server this client has everything, then wait for it to close.
+                if control.send(&Control::Bye).is_ok() {
+                    mux.set_recv_timeout(FAREWELL_WAIT);
+                    while control.recv().is_ok() {}
+                }
                 break;
             }
             Err(error) => {
-                let error = match last_word(&mut control, &error) {
+                let error = match last_word(&mux, &mut control, &error) {
                     Some(stop) => stop,
                     None => {
                         // Tell the server why this client stops (it may be gone already).
@@ -176,7 +152,7 @@ pub fn take_part(
     }
     report.bytes = taking.me.bytes();
     report.eval_bytes = taking.eval.sent() + taking.eval.received();
-    report.control_bytes = control.bytes;
+    report.control_bytes = control.bytes();
     report.peak_memory = taking.meter.peaks();
     report.wall_seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -194,12 +170,65 @@ struct Taking<'a> {
     pacer: Pacer,
     meter: crate::memory::MemoryMeter,
     device: burn::tensor::Device,
-    kill_after: Option<usize>,
+    kill_after: KillSwitch,
     /// Steps this client trained.
     trained: usize,
 }
 
-impl Taking<'_> {
+/// How long a client waits for the server to close the link after its `bye`.
+const FAREWELL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl<'a> Taking<'a> {
+    /// Builds the run as every process does and keeps client `id`, linked over `mux`.
+    fn new(
+        config: &'a ExperimentConfig,
+        data: &'a PreparedData,
+        id: usize,
+        parts: Vec<Vec<usize>>,
+        mux: &Mux,
+    ) -> Result<Self, RunError> {
+        let shard_sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+        let n = shard_sizes.len();
+        let setup = RunSetup::from_data(config, data, parts)?;
+        let RunSetup {
+            parties,
+            meter,
+            device,
+            ..
+        } = setup;
+        let mut clients = parties.clients;
+        let mut me = clients.swap_remove(id);
+        // The other parties live in their own processes.
+        drop(clients);
+        let server = mux.peer();
+        let (prev, next) = ((id + n - 1) % n, (id + 1) % n);
+        let relayed = |peer: usize| {
+            let name = format!("client {peer} (relayed by {server})");
+            Endpoint::new(
+                Box::new(mux.relayed_channel(Channel::Relay, name)),
+                Direction::Up,
+            )
+        };
+        let hands_off = me.hands_off();
+        me.attach_links(
+            Endpoint::new(Box::new(mux.channel(Channel::Train)), Direction::Up),
+            hands_off.then(|| relayed(next)),
+            hands_off.then(|| relayed(prev)),
+        );
+        Ok(Self {
+            config,
+            data,
+            me,
+            eval: Endpoint::new(Box::new(mux.channel(Channel::Eval)), Direction::Up),
+            eval_template: parties.eval_template,
+            pacer: Pacer::new(config, &shard_sizes),
+            meter,
+            device,
+            kill_after: KillSwitch::from_env(),
+            trained: 0,
+        })
+    }
+
     /// This client's part of one epoch; `false` when the server ends the run after it.
     fn epoch(&mut self, epoch: usize, control: &mut ControlLink) -> Result<bool, RunError> {
         let config = self.config;
@@ -238,29 +267,22 @@ impl Taking<'_> {
                     .me
                     .send_batch(images, labels, step.rates.client, &mut self.meter)?;
                 if decoupled {
-                    let loss = aux.filter(|l| l.is_finite());
-                    control.send(&Control::AuxLoss { loss })?;
+                    let loss = aux.unwrap_or(f32::NAN);
+                    control.send(&Control::AuxLoss {
+                        loss_bits: loss.to_bits(),
+                    })?;
                 }
                 self.me.finish_step(step.rates.client, &mut self.meter)?;
                 self.meter.end_step();
                 self.trained += 1;
-                if self.kill_after == Some(self.trained) {
-                    // SAFETY: plain libc calls on this process's own id; nothing runs after.
-                    unsafe {
-                        libc::kill(libc::getpid(), libc::SIGKILL);
-                    }
-                }
+                self.kill_after.after(self.trained);
             }
             self.pacer.trained(client);
         }
         if federated {
             self.me.upload()?;
         }
-        let evaluator = match plan.model {
-            ModelFlow::HandOff => self.pacer.holder().unwrap_or(0),
-            ModelFlow::Federated { .. } => 0,
-        };
-        if evaluator == id {
+        if self.pacer.evaluator(&plan) == id {
             control.expect("evaluate", |m| match m {
                 Control::Evaluate { epoch: e } if *e == epoch => Some(()),
                 _ => None,
@@ -296,10 +318,12 @@ impl Taking<'_> {
                             source,
                         })
                     })?;
-            let template = self
-                .eval_template
-                .take()
-                .ok_or_else(|| RunError::Failed("no model to evaluate the global one in".into()))?;
+            let template = self.eval_template.take().ok_or_else(|| {
+                RunError::Failed(format!(
+                    "client {}: no model to evaluate the global one in",
+                    self.me.id()
+                ))
+            })?;
             Some(
                 load_client_state(template, &values, self.me.carries_aux_head())
                     .map_err(|e| model_error(self.eval.peer(), e))?,

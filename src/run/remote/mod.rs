@@ -22,7 +22,6 @@ use crate::party::state::StateError;
 use crate::protocol::control::{Control, MAX_CONTROL_BYTES};
 use crate::run::setup::model_config;
 use crate::transport::Transport;
-use crate::transport::TransportError;
 use crate::transport::grpc::LinkLimits;
 use crate::transport::mux::{Channel, Mux, MuxChannel};
 use burn::module::Module;
@@ -71,19 +70,26 @@ pub fn link_limits(
 pub struct ControlLink {
     channel: MuxChannel,
     /// Control frames sent and received.
-    pub bytes: u64,
+    bytes: u64,
 }
 
 impl ControlLink {
-    pub fn new(mux: &Mux) -> Self {
+    /// The control channel of `mux`, which has carried `bytes` of control frames already (the
+    /// hello and its answer, exchanged before the link was multiplexed).
+    pub fn new(mux: &Mux, bytes: u64) -> Self {
         Self {
             channel: mux.channel(Channel::Control),
-            bytes: 0,
+            bytes,
         }
     }
 
     pub fn peer(&self) -> &str {
         self.channel.peer()
+    }
+
+    /// Control frames sent and received so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     pub fn send(&mut self, message: &Control) -> Result<(), RunError> {
@@ -127,14 +133,16 @@ impl ControlLink {
     }
 }
 
-/// After a broken link: the `stop` message the peer sent before it went, if one arrived.
-pub fn last_word(control: &mut ControlLink, error: &RunError) -> Option<RunError> {
-    let RunError::Party(PartyError::Transport(
-        TransportError::Closed { .. } | TransportError::Broken { .. },
-    )) = error
-    else {
+/// How long to wait for a peer's last words (a `stop`) once its link has failed.
+pub const LAST_WORD_WAIT: Duration = Duration::from_secs(5);
+
+/// After `error` on the link to the peer of `control` (whose multiplexer is `mux`): the `stop`
+/// that peer sent before the link failed, if one arrives within [`LAST_WORD_WAIT`].
+pub fn last_word(mux: &Mux, control: &mut ControlLink, error: &RunError) -> Option<RunError> {
+    if !matches!(error, RunError::Party(PartyError::Transport(_))) {
         return None;
-    };
+    }
+    mux.set_recv_timeout(LAST_WORD_WAIT);
     loop {
         match control.recv() {
             Ok(Control::Stop { reason }) => {

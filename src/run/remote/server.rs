@@ -5,7 +5,6 @@
 //! naming the client, epoch and step, and the other clients are told to stop.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::module::Module;
@@ -22,12 +21,15 @@ use crate::protocol::{Bytes, Direction, Message, MessageKind, ProtocolError};
 use crate::report::{ClientWire, NetworkReport, PeakMemoryReport, Report, RunStatus};
 use crate::run::eval::test_batch_count;
 use crate::run::pace::{PacedStep, Pacer};
-use crate::run::runner::{divergence, fresh_report, non_finite};
+use crate::run::runner::{KillSwitch, check_divergence, fresh_report};
 use crate::run::tally::{EpochTally, progress_bar};
-use crate::run::{KILL_AFTER_STEP_ENV, PreparedData, RunError, RunSetup};
+use crate::run::{PreparedData, RunError, RunSetup};
 use crate::transport::grpc::{GrpcServer, GrpcTransport};
 use crate::transport::mux::{self, Channel, Mux, MuxChannel};
 use crate::transport::{Transport, TransportError};
+
+/// How long the server waits for each client's `bye` at the end of a run.
+const FAREWELL_WAIT: Duration = Duration::from_secs(30);
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -52,6 +54,38 @@ struct Link {
     control: ControlLink,
     relay: MuxChannel,
     eval: Endpoint,
+    /// Hand-off frames relayed from this client (as it sent them) and to it (as it received
+    /// them), by kind.
+    relayed_from: Bytes,
+    relayed_to: Bytes,
+}
+
+impl Link {
+    /// What the client sent, as the server counted it: its frames to the server and the
+    /// hand-offs it passed on through the server.
+    fn client_sent(&self, train: &Endpoint) -> Bytes {
+        train.received() + self.relayed_from
+    }
+
+    /// Everything the client sent and received.
+    fn client_traffic(&self, train: &Endpoint) -> Bytes {
+        train.received() + train.sent() + self.relayed_from + self.relayed_to
+    }
+}
+
+/// Sends `stop` with `reason` down `links`, then gives each client [`super::LAST_WORD_WAIT`] to
+/// hang up (best effort: some may be gone).
+fn tell_stop<'a>(links: impl Iterator<Item = &'a mut Link>, reason: &str) {
+    let mut links: Vec<&mut Link> = links.collect();
+    for link in links.iter_mut() {
+        let _ = link.control.send(&Control::Stop {
+            reason: reason.to_string(),
+        });
+    }
+    for link in links {
+        link.mux.set_recv_timeout(super::LAST_WORD_WAIT);
+        while link.control.recv().is_ok() {}
+    }
 }
 
 /// Waits for `config`'s clients, trains with them and returns the report (also written to
@@ -66,13 +100,7 @@ pub fn serve(
     let parts = data.partition(config)?;
     let digests: Vec<String> = parts.iter().map(|p| shard_digest(&data.train, p)).collect();
     let links = admit_clients(config, &digests, listener, options)?;
-    let setup = RunSetup::new(
-        config,
-        data.classes,
-        Arc::clone(&data.train),
-        parts.clone(),
-        data.normalization,
-    )?;
+    let setup = RunSetup::from_data(config, data, parts.clone())?;
     let report = fresh_report(config, data, &setup, &parts);
     let RunSetup {
         parties,
@@ -103,17 +131,14 @@ pub fn serve(
         meter,
         device,
         report,
-        clients_sent: vec![Bytes::default(); parts.len()],
-        clients_traffic: vec![Bytes::default(); parts.len()],
-        relayed: 0,
         tally: EpochTally::default(),
         place: Place {
             epoch: 0,
             step: None,
         },
-        kill_after: std::env::var(KILL_AFTER_STEP_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        baseline,
+        server_copies: server_copies_bytes,
+        kill_after: KillSwitch::from_env(),
     };
     for epoch in 1..=config.train.epochs {
         match serving.epoch(epoch) {
@@ -122,8 +147,11 @@ pub fn serve(
             Err(error) => return Err(serving.fail(error, started)),
         }
     }
-    let report = serving.finish(baseline, server_copies_bytes, started);
+    let report = serving.finish(started);
     serving.write(&report)?;
+    if report.status == RunStatus::Completed {
+        serving.farewell();
+    }
     Ok(report)
 }
 
@@ -157,29 +185,36 @@ fn admit_clients(
         }
         let mut transport = match accepted {
             Ok(transport) => transport,
-            Err(TransportError::Timeout { .. }) => return Err(missing()),
+            Err(TransportError::Timeout { .. }) => {
+                let error = missing();
+                tell_stop(links.iter_mut().flatten(), &error.to_string());
+                return Err(error);
+            }
             Err(e) => return Err(RunError::Party(e.into())),
         };
         let peer = transport.peer().to_string();
-        match hello(config, digests, &links, &mut transport, options) {
-            Ok((id, hello_len)) => {
-                transport.set_recv_timeout(options.timeout);
+        let admitted =
+            hello(config, digests, &links, &mut transport, options).and_then(|(id, hello_len)| {
                 let welcome = Control::Welcome.encode();
-                let welcome_len = welcome.len();
                 transport
                     .send(mux::tag(Channel::Control, &welcome))
-                    .map_err(|e| RunError::Party(e.into()))?;
+                    .map_err(|e| format!("gone before the welcome: {e}"))?;
+                Ok((id, (hello_len + welcome.len()) as u64))
+            });
+        match admitted {
+            Ok((id, control_bytes)) => {
+                transport.set_recv_timeout(options.timeout);
                 let mux = Mux::new(Box::new(transport));
-                let mut control = ControlLink::new(&mux);
-                control.bytes += (hello_len + welcome_len) as u64;
                 if options.progress {
                     eprintln!("client {id} joined from {peer}");
                 }
                 links[id] = Some(Link {
-                    control,
+                    control: ControlLink::new(&mux, control_bytes),
                     relay: mux.channel(Channel::Relay),
                     eval: Endpoint::new(Box::new(mux.channel(Channel::Eval)), Direction::Down),
                     mux,
+                    relayed_from: Bytes::default(),
+                    relayed_to: Bytes::default(),
                 });
             }
             Err(reason) => {
@@ -188,6 +223,14 @@ fn admit_clients(
                 let _ = transport.send(mux::tag(Channel::Control, &refusal.encode()));
             }
         }
+    }
+    listener.stop_admitting();
+    // Links admitted while the last hello was read: the run has started without them.
+    while let Ok(mut late) = listener.accept(Duration::ZERO) {
+        let refusal = Control::Refused {
+            reason: "the run has started: no more clients are admitted".into(),
+        };
+        let _ = late.send(mux::tag(Channel::Control, &refusal.encode()));
     }
     Ok(links.into_iter().flatten().collect())
 }
@@ -269,21 +312,28 @@ struct Serving<'a> {
     meter: memory::MemoryMeter,
     device: burn::tensor::Device,
     report: Report,
-    /// What each client reported it sent, and its whole traffic, at its latest epoch end.
-    clients_sent: Vec<Bytes>,
-    clients_traffic: Vec<Bytes>,
-    /// Hand-off bytes relayed.
-    relayed: u64,
     tally: EpochTally,
     /// Where the run is (named when it fails).
     place: Place,
-    kill_after: Option<usize>,
+    /// Bytes live before training, and of SplitFed v1's server copies (see the report).
+    baseline: u64,
+    server_copies: u64,
+    kill_after: KillSwitch,
 }
 
 impl Serving<'_> {
-    /// The run's training bytes so far, each frame counted once by its sender.
+    /// The run's training bytes so far, each frame counted once by its sender — all counted
+    /// here, where every frame passes.
     fn bytes(&self) -> Bytes {
-        self.server.sent() + self.clients_sent.iter().copied().sum::<Bytes>()
+        self.server.sent()
+            + (0..self.links.len())
+                .map(|i| self.client_sent(i))
+                .sum::<Bytes>()
+    }
+
+    /// What client `i` sent (to the server, and hand-offs through it).
+    fn client_sent(&self, i: usize) -> Bytes {
+        self.links[i].client_sent(&self.server.links()[i])
     }
 
     /// One epoch; `false` when a loss diverged (the report says where).
@@ -331,19 +381,10 @@ impl Serving<'_> {
         }
         self.tally.stop_clock();
         let eval_start = Instant::now();
-        let accuracy = self.evaluate(epoch, &plan.model)?;
+        let accuracy = self.evaluate(epoch, self.pacer.evaluator(&plan))?;
         let eval_seconds = eval_start.elapsed().as_secs_f64();
-        for (id, link) in self.links.iter_mut().enumerate() {
-            let (sent, traffic) = link.control.expect("epoch_done", |m| match m {
-                Control::EpochDone {
-                    epoch: e,
-                    sent,
-                    traffic,
-                } if *e == epoch => Some((*sent, *traffic)),
-                _ => None,
-            })?;
-            self.clients_sent[id] = sent;
-            self.clients_traffic[id] = traffic;
+        for id in 0..self.links.len() {
+            self.epoch_done(id, epoch)?;
         }
         let mode = config.train.mode;
         let metrics = self
@@ -369,6 +410,42 @@ impl Serving<'_> {
         Ok(true)
     }
 
+    /// Client `id`'s end of `epoch`: what it counted must be what the server counted.
+    fn epoch_done(&mut self, id: usize, epoch: usize) -> Result<(), RunError> {
+        let link = &mut self.links[id];
+        let (sent, traffic) = link.control.expect("epoch_done", |m| match m {
+            Control::EpochDone {
+                epoch: e,
+                sent,
+                traffic,
+            } if *e == epoch => Some((*sent, *traffic)),
+            _ => None,
+        })?;
+        let train = &self.server.links()[id];
+        let counted = (link.client_sent(train), link.client_traffic(train));
+        if (sent, traffic) != counted {
+            return Err(RunError::Peer {
+                peer: link.mux.peer().to_string(),
+                detail: format!(
+                    "counted {} bytes sent and {} in all by epoch {epoch}; the server counted {}                      and {}",
+                    sent.total, traffic.total, counted.0.total, counted.1.total
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// After the last epoch: waits (boundedly) for every client's `bye`, so that no client
+    /// misses the `done` when this process ends.
+    fn farewell(&mut self) {
+        for link in &mut self.links {
+            link.mux.set_recv_timeout(FAREWELL_WAIT);
+            let _ = link
+                .control
+                .expect("bye", |m| matches!(m, Control::Bye).then_some(()));
+        }
+    }
+
     /// One step: the hand-offs it needs, then (if the batch trains) serving it.
     fn step(&mut self, step: &PacedStep, epoch: usize) -> Result<(), RunError> {
         for &(from, to) in &step.hand_offs {
@@ -387,33 +464,20 @@ impl Serving<'_> {
             Mode::Coupled => None,
             Mode::Decoupled => {
                 Some(self.links[client].control.expect("aux_loss", |m| match m {
-                    Control::AuxLoss { loss } => Some(loss.unwrap_or(f32::NAN)),
+                    Control::AuxLoss { loss_bits } => Some(f32::from_bits(*loss_bits)),
                     _ => None,
                 })?)
             }
         };
         self.tally.lr = step.rates.server;
         self.pacer.trained(client);
-        if self.kill_after == Some(self.pacer.global_step()) {
-            // SAFETY: plain libc calls on this process's own id; nothing runs after them.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
+        self.kill_after.after(self.pacer.global_step());
         let losses = crate::party::StepLosses {
             server: server_loss,
             client: client_loss,
         };
-        if let Some(bad) = non_finite(losses) {
+        if check_divergence(&mut self.report, losses, epoch, step, &self.pacer) {
             self.tally.abandon();
-            self.report.status = RunStatus::Diverged;
-            self.report.error = Some(divergence(
-                bad,
-                epoch,
-                step,
-                self.pacer.batches()[client],
-                self.links.len(),
-            ));
             return Ok(());
         }
         self.tally.add(losses, step.images);
@@ -423,7 +487,11 @@ impl Serving<'_> {
     /// Passes the model's two hand-off frames (weights, optimizer state) from client `from`
     /// to client `to`, checking that they are what a hand-off carries.
     fn relay(&mut self, from: usize, to: usize) -> Result<(), RunError> {
-        for kind in [MessageKind::Weights, MessageKind::OptimizerState] {
+        use burn::tensor::DType;
+        for (kind, dtype) in [
+            (MessageKind::Weights, DType::F32),
+            (MessageKind::OptimizerState, DType::U8),
+        ] {
             let peer = self.links[from].mux.peer().to_string();
             let frame = self.links[from]
                 .relay
@@ -436,13 +504,23 @@ impl Serving<'_> {
                 })
             };
             let message = Message::decode(&frame).map_err(protocol)?;
-            if message.kind != kind || message.data.shape().num_dims() != 1 {
+            if message.kind != kind {
                 return Err(protocol(ProtocolError::Unexpected {
                     expected: kind.name(),
                     got: message.kind.name(),
                 }));
             }
-            self.relayed += frame.len() as u64;
+            message.check_dims(&[None]).map_err(protocol)?;
+            if message.data.dtype() != dtype {
+                return Err(protocol(ProtocolError::UnsupportedDtype(
+                    message.data.dtype(),
+                )));
+            }
+            let len = frame.len() as u64;
+            self.links[from]
+                .relayed_from
+                .record(kind, Direction::Up, len);
+            self.links[to].relayed_to.record(kind, Direction::Down, len);
             self.links[to]
                 .relay
                 .send(frame)
@@ -454,11 +532,7 @@ impl Serving<'_> {
     /// Has the evaluating client — the model's holder, or client 0 with the global model under
     /// SplitFed — send the test set's activations; returns the test accuracy (and the
     /// auxiliary head's).
-    fn evaluate(&mut self, epoch: usize, flow: &ModelFlow) -> Result<(f64, Option<f64>), RunError> {
-        let evaluator = match flow {
-            ModelFlow::HandOff => self.pacer.holder().unwrap_or(0),
-            ModelFlow::Federated { .. } => 0,
-        };
+    fn evaluate(&mut self, epoch: usize, evaluator: usize) -> Result<(f64, Option<f64>), RunError> {
         let expects_batch = self.config.train.eval_batch_size.max(1);
         let test = &self.data.test;
         let classes = self.data.classes;
@@ -509,41 +583,42 @@ impl Serving<'_> {
         ))
     }
 
-    /// Tells every client that the run stops (best effort: some may be gone).
+    /// Tells every client that the run stops, and lets them hang up.
     fn stop_all(&mut self, reason: &str) {
-        for link in &mut self.links {
-            let _ = link.control.send(&Control::Stop {
-                reason: reason.to_string(),
-            });
-        }
+        tell_stop(self.links.iter_mut(), reason);
     }
 
     /// Ends a run that failed at `place`: the report so far (status `failed`) is written and
     /// the clients are told; the error names the peer, epoch and step.
     fn fail(&mut self, error: RunError, started: Instant) -> RunError {
         let place = &self.place;
+        let (epoch, step) = (place.epoch, place.step.clone());
         self.tally.abandon();
-        let at = match &place.step {
+        let at = match &step {
             Some((index, step)) => format!(
                 "epoch {}, step {} of {} (client {}'s batch {} of {})",
-                place.epoch,
+                epoch,
                 index + 1,
                 self.pacer.steps_per_epoch(),
                 step.client,
                 step.batch + 1,
                 self.pacer.batches()[step.client]
             ),
-            None => format!("epoch {}", place.epoch),
+            None => format!("epoch {epoch}"),
+        };
+        // A client that stopped on its own error said why before it hung up.
+        let error = match &step {
+            Some((_, step)) => {
+                let link = &mut self.links[step.client];
+                super::last_word(&link.mux, &mut link.control, &error).unwrap_or(error)
+            }
+            None => error,
         };
         let message = format!("{error}, at {at}");
         self.stop_all(&message);
-        let mut report = self.report.clone();
+        let mut report = self.finish(started);
         report.status = RunStatus::Failed;
         report.error = Some(message.clone());
-        report.bytes = self.bytes();
-        report.bytes_per_epoch = report.bytes.per(report.epochs.len());
-        report.wall_seconds = started.elapsed().as_secs_f64();
-        report.network = Some(self.network());
         match self.write(&report) {
             Ok(()) => RunError::Failed(message),
             Err(e) => RunError::Failed(format!("{message}; and the report: {e}")),
@@ -557,7 +632,7 @@ impl Serving<'_> {
         let mut clients = Vec::new();
         for (id, link) in self.links.iter().enumerate() {
             eval_bytes = eval_bytes + link.eval.sent() + link.eval.received();
-            control_bytes += link.control.bytes;
+            control_bytes += link.control.bytes();
             let (sent, received) = link.mux.wire_bytes().unwrap_or((0, 0));
             wire_sent += sent;
             wire_received += received;
@@ -573,19 +648,25 @@ impl Serving<'_> {
             tls: self.options.tls,
             eval_bytes,
             control_bytes,
-            relayed_bytes: self.relayed,
+            relayed_bytes: self.links.iter().map(|l| l.relayed_from.total).sum(),
             wire_sent,
             wire_received,
             clients,
         }
     }
 
-    fn finish(&mut self, baseline: u64, server_copies: u64, started: Instant) -> Report {
+    /// The report of the run so far.
+    fn finish(&self, started: Instant) -> Report {
+        let (baseline, server_copies) = (self.baseline, self.server_copies);
         let mut report = self.report.clone();
         report.bytes = self.bytes();
         report.bytes_per_epoch = report.bytes.per(report.epochs.len());
-        for (client, traffic) in report.clients.iter_mut().zip(&self.clients_traffic) {
-            client.bytes = *traffic;
+        for (client, (link, train)) in report
+            .clients
+            .iter_mut()
+            .zip(self.links.iter().zip(self.server.links()))
+        {
+            client.bytes = link.client_traffic(train);
         }
         if let Some(peaks) = self.meter.peaks() {
             report.peak_memory_bytes = Some(peaks.step);

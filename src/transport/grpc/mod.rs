@@ -19,6 +19,7 @@ pub use wire::{WireCount, WireCounts};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
@@ -92,13 +93,6 @@ pub struct GrpcTransport {
     runtime: Arc<Runtime>,
 }
 
-impl GrpcTransport {
-    /// Waits at most `wait` for each frame from now on.
-    pub fn set_recv_timeout(&mut self, wait: Duration) {
-        self.limits.recv_timeout = wait;
-    }
-}
-
 impl Transport for GrpcTransport {
     fn peer(&self) -> &str {
         &self.peer
@@ -106,6 +100,10 @@ impl Transport for GrpcTransport {
 
     fn wire_bytes(&self) -> Option<(u64, u64)> {
         self.wire.as_ref().map(|count| count.get())
+    }
+
+    fn set_recv_timeout(&mut self, wait: Duration) {
+        self.limits.recv_timeout = wait;
     }
 
     fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
@@ -228,6 +226,8 @@ struct Doorkeeper {
     /// Refusals so far, for the server's log.
     refused: mpsc::UnboundedSender<String>,
     wire: WireCounts,
+    /// Cleared once the server has every party it waits for: later links are refused.
+    open: Arc<AtomicBool>,
 }
 
 impl LinkHandler for Doorkeeper {
@@ -242,9 +242,15 @@ impl LinkHandler for Doorkeeper {
             self.token.as_deref(),
             presented.as_deref(),
             request.remote_addr(),
-        );
+        )
+        .and_then(|()| match self.open.load(Ordering::Relaxed) {
+            true => Ok(()),
+            false => Err(Status::failed_precondition(
+                "the run has started: no more clients are admitted",
+            )),
+        });
         let peer = peer_name(&request);
-        let wire = request.remote_addr().and_then(|addr| self.wire.of(addr));
+        let wire = request.remote_addr().and_then(|addr| self.wire.take(addr));
         let (depth, admitted, refused) = (self.depth, self.admitted.clone(), self.refused.clone());
         Box::pin(async move {
             if let Err(status) = verdict {
@@ -262,7 +268,9 @@ impl LinkHandler for Doorkeeper {
                     inbound: in_rx,
                 })
                 .await
-                .map_err(|_| Status::unavailable("the server is no longer accepting links"))?;
+                .map_err(|_| {
+                    Status::failed_precondition("the run has started: no more clients are admitted")
+                })?;
             // The response stream ends when the server drops its transport.
             let frames: FrameStream =
                 Box::pin(ReceiverStream::new(out_rx).map(Ok::<Frame, Status>));
@@ -315,6 +323,7 @@ pub struct GrpcServer {
     refused: mpsc::UnboundedReceiver<String>,
     stop: Option<oneshot::Sender<()>>,
     limits: LinkLimits,
+    open: Arc<AtomicBool>,
 }
 
 impl GrpcServer {
@@ -339,6 +348,7 @@ impl GrpcServer {
         let (refused_tx, refused) = mpsc::unbounded_channel();
         let wire = WireCounts::default();
         let counted = wire.clone();
+        let open = Arc::new(AtomicBool::new(true));
         let incoming = incoming.map(move |stream| stream.map(|s| counted.wrap(s)));
         let service = SplitServer::new(
             Doorkeeper {
@@ -347,6 +357,7 @@ impl GrpcServer {
                 admitted: admitted_tx,
                 refused: refused_tx,
                 wire,
+                open: Arc::clone(&open),
             },
             options.limits.max_message(),
         );
@@ -374,6 +385,7 @@ impl GrpcServer {
             refused,
             stop: Some(stop),
             limits: options.limits,
+            open,
         })
     }
 
@@ -405,6 +417,12 @@ impl GrpcServer {
                 after: wait,
             }),
         }
+    }
+
+    /// Refuses every link from now on (the server has all the parties it waits for).
+    pub fn stop_admitting(&mut self) {
+        self.open.store(false, Ordering::Relaxed);
+        self.admitted.close();
     }
 
     /// The peers refused so far (wrong or missing token, not loopback), one line each.
@@ -522,7 +540,9 @@ async fn open_link(options: &ClientOptions) -> Result<(mpsc::Sender<Frame>, Inbo
         .link(request)
         .await
         .map_err(|status| match status.code() {
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => GrpcError::Refused {
+            tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition => GrpcError::Refused {
                 addr: addr.clone(),
                 reason: status.message().to_string(),
             },

@@ -47,9 +47,9 @@ impl WireCounts {
         Counted { stream, count }
     }
 
-    /// The count of the connection from `addr`.
-    pub fn of(&self, addr: SocketAddr) -> Option<Arc<WireCount>> {
-        self.lock().get(&addr).cloned()
+    /// The count of the connection from `addr`, handed to its link (and forgotten here).
+    pub fn take(&self, addr: SocketAddr) -> Option<Arc<WireCount>> {
+        self.lock().remove(&addr)
     }
 }
 
