@@ -41,6 +41,7 @@ struct Server {
     child: Child,
     addr: String,
     stderr: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Server {
@@ -68,7 +69,7 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         let pipe = child.stderr.take().unwrap();
         let log = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     let _ = tx.send(addr.to_string());
@@ -83,6 +84,7 @@ impl Server {
             child,
             addr,
             stderr,
+            reader,
         }
     }
 
@@ -99,8 +101,8 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        // Let the reader thread take the last lines.
-        std::thread::sleep(Duration::from_millis(100));
+        // The pipe is closed: the reader thread takes the last lines and ends.
+        self.reader.join().unwrap();
         let stderr = self.stderr.lock().unwrap().clone();
         (status.success(), stderr)
     }
@@ -108,10 +110,17 @@ impl Server {
 
 /// The arguments of `splitaux client` number `id` against `server`.
 fn client_args(server: &Server, id: usize, out: &Path, args: &[String]) -> Vec<std::ffi::OsString> {
-    let mut all: Vec<std::ffi::OsString> = ["client", "--offline", "--connect", &server.addr]
-        .iter()
-        .map(Into::into)
-        .collect();
+    let mut all: Vec<std::ffi::OsString> = [
+        "client",
+        "--offline",
+        "--timeout",
+        "120",
+        "--connect",
+        &server.addr,
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
     all.extend([
         "--data-dir".into(),
         cifar10().into(),
@@ -351,8 +360,14 @@ fn hello_refuses_other_settings_and_taken_or_unknown_ids_by_name() {
         message.contains("client 0 is already connected"),
         "{message}"
     );
-    let message = failure_message(&mut client(&server, 5, dir.path(), &args));
-    assert!(message.contains("client id 5"), "{message}");
+    // An id the client's own configuration allows but the server's does not.
+    let mut six = args.clone();
+    six.extend(["--set".into(), "clients.count=6".into()]);
+    let message = failure_message(&mut client(&server, 5, dir.path(), &six));
+    assert!(
+        message.contains("refused this client: client id 5: this run has 2 clients"),
+        "{message}"
+    );
 
     client(&server, 1, dir.path(), &args).assert().success();
     let (ok, stderr) = stderr_of(first);

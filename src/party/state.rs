@@ -116,7 +116,12 @@ pub fn load_optimizer(
 ) -> Result<ModuleOptimizer, StateError> {
     let record = OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
         .map_err(|e| StateError::Record(e.to_string()))?;
-    Ok(optimizer.load_record(record))
+    // burn's `load_record` panics on a record it cannot place (a tensor without a parameter
+    // id); the bytes may come from a peer, so that is an error here, not a crash.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        optimizer.load_record(record)
+    }))
+    .map_err(|_| StateError::Record("the optimizer state does not fit this model".into()))
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub enum TransportError {
     Broken { peer: String, detail: String },
     #[error("nothing from {peer} within {after:?}")]
     Timeout { peer: String, after: Duration },
+    #[error("{peer} stopped the run: {reason}")]
+    Stopped { peer: String, reason: String },
 }
 
 /// One end of a bidirectional, ordered, reliable frame channel.
@@ -47,7 +49,7 @@ pub trait Transport: Send {
         None
     }
 
-    /// Waits at most `wait` for each frame from now on, where the transport waits at all (the
-    /// in-memory one never does).
-    fn set_recv_timeout(&mut self, _wait: Duration) {}
+    /// Waits at most `wait` to send or receive each frame from now on, where the transport
+    /// waits at all (the in-memory one never does).
+    fn set_timeout(&mut self, _wait: Duration) {}
 }

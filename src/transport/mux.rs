@@ -88,11 +88,16 @@ struct Shared {
     held: [VecDeque<Vec<u8>>; 4],
 }
 
+/// Tells whether a frame of its channel stops the run (and why): checked on frames that arrive
+/// while another channel is read, so that a peer's `stop` ends any wait at once.
+pub type Interrupt = fn(&[u8]) -> Option<String>;
+
 /// One transport, shared by its channels.
 #[derive(Clone)]
 pub struct Mux {
     shared: Arc<Mutex<Shared>>,
     peer: String,
+    interrupt: Option<(Channel, Interrupt)>,
 }
 
 impl Mux {
@@ -104,7 +109,15 @@ impl Mux {
                 held: Default::default(),
             })),
             peer,
+            interrupt: None,
         }
+    }
+
+    /// Frames on `channel` that `stops` recognizes end a wait on any other channel with
+    /// [`TransportError::Stopped`] (the frame stays held for its own channel).
+    pub fn interrupted_by(mut self, channel: Channel, stops: Interrupt) -> Self {
+        self.interrupt = Some((channel, stops));
+        self
     }
 
     /// Who is at the other end.
@@ -136,9 +149,9 @@ impl Mux {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits at most `wait` for each frame from now on.
-    pub fn set_recv_timeout(&self, wait: std::time::Duration) {
-        self.lock().transport.set_recv_timeout(wait);
+    /// Waits at most `wait` to send or receive each frame from now on.
+    pub fn set_timeout(&self, wait: std::time::Duration) {
+        self.lock().transport.set_timeout(wait);
     }
 
     /// The socket bytes (sent, received) the underlying transport counted, if it can.
@@ -161,7 +174,18 @@ impl Mux {
             if arrived == channel {
                 return Ok(frame);
             }
+            let stop = match self.interrupt {
+                Some((on, stops)) if on == arrived => stops(&frame),
+                _ => None,
+            };
             let held = &mut shared.held[arrived.index()];
+            if let Some(reason) = stop {
+                held.push_back(frame);
+                return Err(TransportError::Stopped {
+                    peer: self.peer.clone(),
+                    reason,
+                });
+            }
             if held.len() >= HELD_FRAMES {
                 return Err(TransportError::Broken {
                     peer: self.peer.clone(),
@@ -217,6 +241,22 @@ mod tests {
         assert_eq!(at_b.recv().unwrap(), vec![1]);
         assert_eq!(at_b.recv().unwrap(), vec![3]);
         assert_eq!(at_b.peer(), "client 0");
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_wait_on_another_channel() {
+        let (a, b) = memory_pair("client 0", "server", 4);
+        let a = Mux::new(Box::new(a));
+        let b = Mux::new(Box::new(b)).interrupted_by(Channel::Control, |f| {
+            (f == b"stop").then(|| "because".to_string())
+        });
+        a.channel(Channel::Control).send(b"note".to_vec()).unwrap();
+        a.channel(Channel::Control).send(b"stop".to_vec()).unwrap();
+        let err = b.channel(Channel::Train).recv().unwrap_err();
+        assert_eq!(err.to_string(), "client 0 stopped the run: because");
+        let mut control = b.channel(Channel::Control);
+        assert_eq!(control.recv().unwrap(), b"note");
+        assert_eq!(control.recv().unwrap(), b"stop");
     }
 
     #[test]

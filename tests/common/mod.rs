@@ -207,7 +207,8 @@ pub fn train_json(extra: &[&str], out: &Path) -> serde_json::Value {
             .arg("--out")
             .arg(out)
             .args(TINY)
-            .args(extra),
+            .args(extra)
+            .timeout(std::time::Duration::from_secs(600)),
     )
 }
 

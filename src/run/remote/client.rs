@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
-use super::{ControlLink, last_word, model_error, shard_digest};
+use super::{ControlLink, last_word, linger, model_error, say_stop, shard_digest};
 use crate::config::{ExperimentConfig, Mode};
 use crate::data::Batcher;
 use crate::federation::ModelFlow;
@@ -80,7 +80,7 @@ pub fn take_part(
     transport
         .send(mux::tag(Channel::Control, &hello))
         .map_err(|e| RunError::Party(e.into()))?;
-    let mux = Mux::new(transport);
+    let mux = super::link(transport);
     let mut control = ControlLink::new(&mux, hello_len as u64);
     match control.recv()? {
         Control::Welcome => {}
@@ -102,9 +102,7 @@ pub fn take_part(
         Ok(taking) => taking,
         Err(error) => {
             // The server is waiting for this client: say why it will not come.
-            let _ = control.send(&Control::Stop {
-                reason: format!("client {id}: {error}"),
-            });
+            say_stop(&mux, &mut control, format!("client {id}: {error}"));
             return Err(error);
         }
     };
@@ -128,8 +126,7 @@ pub fn take_part(
                 report.epochs = epoch;
                 // Tell the server this client has everything, then wait for it to close.
                 if control.send(&Control::Bye).is_ok() {
-                    mux.set_recv_timeout(FAREWELL_WAIT);
-                    while control.recv().is_ok() {}
+                    linger(&mux, &mut control, FAREWELL_WAIT);
                 }
                 break;
             }
@@ -138,9 +135,7 @@ pub fn take_part(
                     Some(stop) => stop,
                     None => {
                         // Tell the server why this client stops (it may be gone already).
-                        let _ = control.send(&Control::Stop {
-                            reason: format!("client {id}: {error}"),
-                        });
+                        say_stop(&mux, &mut control, format!("client {id}: {error}"));
                         error
                     }
                 };

@@ -21,9 +21,9 @@ use crate::party::PartyError;
 use crate::party::state::StateError;
 use crate::protocol::control::{Control, MAX_CONTROL_BYTES};
 use crate::run::setup::model_config;
-use crate::transport::Transport;
 use crate::transport::grpc::LinkLimits;
 use crate::transport::mux::{Channel, Mux, MuxChannel};
+use crate::transport::{Transport, TransportError};
 use burn::module::Module;
 
 use super::RunError;
@@ -133,16 +133,55 @@ impl ControlLink {
     }
 }
 
+/// A multiplexer over `transport` whose waits end when the peer sends `stop`.
+pub fn link(transport: Box<dyn Transport>) -> Mux {
+    Mux::new(transport).interrupted_by(Channel::Control, |frame| match Control::decode(frame) {
+        Ok(Control::Stop { reason }) => Some(reason),
+        _ => None,
+    })
+}
+
+/// Sends `stop` with `reason` to the peer and gives it [`LAST_WORD_WAIT`] to hang up, so the
+/// message is on the wire before this process lets the link go.
+pub fn say_stop(mux: &Mux, control: &mut ControlLink, reason: String) {
+    mux.set_timeout(LAST_WORD_WAIT);
+    if control.send(&Control::Stop { reason }).is_ok() {
+        linger(mux, control, LAST_WORD_WAIT);
+    }
+}
+
+/// Reads (and drops) what the peer still sends until it closes the link or `wait` passes.
+pub fn linger(mux: &Mux, control: &mut ControlLink, wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        mux.set_timeout(left);
+        if control.recv().is_err() {
+            return;
+        }
+    }
+}
+
 /// How long to wait for a peer's last words (a `stop`) once its link has failed.
 pub const LAST_WORD_WAIT: Duration = Duration::from_secs(5);
 
 /// After `error` on the link to the peer of `control` (whose multiplexer is `mux`): the `stop`
 /// that peer sent before the link failed, if one arrives within [`LAST_WORD_WAIT`].
 pub fn last_word(mux: &Mux, control: &mut ControlLink, error: &RunError) -> Option<RunError> {
-    if !matches!(error, RunError::Party(PartyError::Transport(_))) {
-        return None;
+    match error {
+        RunError::Party(PartyError::Transport(TransportError::Stopped { peer, reason })) => {
+            return Some(RunError::Stopped {
+                peer: peer.clone(),
+                reason: reason.clone(),
+            });
+        }
+        RunError::Party(PartyError::Transport(_)) => {}
+        _ => return None,
     }
-    mux.set_recv_timeout(LAST_WORD_WAIT);
+    mux.set_timeout(LAST_WORD_WAIT);
     loop {
         match control.recv() {
             Ok(Control::Stop { reason }) => {

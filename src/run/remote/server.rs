@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use burn::module::Module;
 use burn::tensor::TensorData;
 
-use super::{ControlLink, shard_digest};
+use super::{ControlLink, LAST_WORD_WAIT, linger, shard_digest};
 use crate::config::{ExperimentConfig, Mode, differing_keys};
 use crate::federation::ModelFlow;
 use crate::memory;
@@ -73,18 +73,20 @@ impl Link {
     }
 }
 
-/// Sends `stop` with `reason` down `links`, then gives each client [`super::LAST_WORD_WAIT`] to
+/// Sends `stop` with `reason` down `links`, then gives the clients [`LAST_WORD_WAIT`] in all to
 /// hang up (best effort: some may be gone).
 fn tell_stop<'a>(links: impl Iterator<Item = &'a mut Link>, reason: &str) {
     let mut links: Vec<&mut Link> = links.collect();
     for link in links.iter_mut() {
+        link.mux.set_timeout(LAST_WORD_WAIT);
         let _ = link.control.send(&Control::Stop {
             reason: reason.to_string(),
         });
     }
+    let deadline = Instant::now() + LAST_WORD_WAIT;
     for link in links {
-        link.mux.set_recv_timeout(super::LAST_WORD_WAIT);
-        while link.control.recv().is_ok() {}
+        let left = deadline.saturating_duration_since(Instant::now());
+        linger(&link.mux, &mut link.control, left);
     }
 }
 
@@ -203,8 +205,8 @@ fn admit_clients(
             });
         match admitted {
             Ok((id, control_bytes)) => {
-                transport.set_recv_timeout(options.timeout);
-                let mux = Mux::new(Box::new(transport));
+                transport.set_timeout(options.timeout);
+                let mux = super::link(Box::new(transport));
                 if options.progress {
                     eprintln!("client {id} joined from {peer}");
                 }
@@ -244,10 +246,10 @@ fn hello(
     transport: &mut GrpcTransport,
     options: &ServeOptions,
 ) -> Result<(usize, usize), String> {
-    transport.set_recv_timeout(options.hello_timeout);
+    transport.set_timeout(options.hello_timeout);
     let frame = transport.recv().map_err(|e| e.to_string())?;
-    let len = frame.len();
     let (channel, frame) = mux::untag(transport.peer(), frame).map_err(|e| e.to_string())?;
+    let len = frame.len();
     if channel != Channel::Control {
         return Err(format!("sent a {} frame before hello", channel.name()));
     }
@@ -399,13 +401,12 @@ impl Serving<'_> {
         let mut so_far = self.report.clone();
         so_far.status = RunStatus::Running;
         self.write(&so_far)?;
-        let next = if epoch == config.train.epochs {
-            Control::Done
-        } else {
-            Control::NextEpoch { epoch: epoch + 1 }
-        };
-        for link in &mut self.links {
-            link.control.send(&next)?;
+        // After the last epoch `done` follows once the final report is on disk (see `serve`).
+        if epoch < config.train.epochs {
+            for link in &mut self.links {
+                link.control
+                    .send(&Control::NextEpoch { epoch: epoch + 1 })?;
+            }
         }
         Ok(true)
     }
@@ -435,11 +436,22 @@ impl Serving<'_> {
         Ok(())
     }
 
-    /// After the last epoch: waits (boundedly) for every client's `bye`, so that no client
-    /// misses the `done` when this process ends.
+    /// After the last epoch, with the report on disk: tells every client the run is done and
+    /// waits (at most [`FAREWELL_WAIT`] in all) for each one's `bye`, so that no client misses
+    /// the `done` when this process ends.
     fn farewell(&mut self) {
         for link in &mut self.links {
-            link.mux.set_recv_timeout(FAREWELL_WAIT);
+            if let Err(e) = link.control.send(&Control::Done) {
+                eprintln!(
+                    "{}: the run is done but could not be told: {e}",
+                    link.mux.peer()
+                );
+            }
+        }
+        let deadline = Instant::now() + FAREWELL_WAIT;
+        for link in &mut self.links {
+            let left = deadline.saturating_duration_since(Instant::now());
+            link.mux.set_timeout(left.max(Duration::from_millis(1)));
             let _ = link
                 .control
                 .expect("bye", |m| matches!(m, Control::Bye).then_some(()));

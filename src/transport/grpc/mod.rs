@@ -102,8 +102,9 @@ impl Transport for GrpcTransport {
         self.wire.as_ref().map(|count| count.get())
     }
 
-    fn set_recv_timeout(&mut self, wait: Duration) {
+    fn set_timeout(&mut self, wait: Duration) {
         self.limits.recv_timeout = wait;
+        self.limits.send_timeout = wait;
     }
 
     fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
