@@ -9,6 +9,7 @@
 //! order, whatever order they arrive in, and a run over the network reports exactly what the
 //! in-process run reports (timing and memory aside).
 
+mod admission;
 pub mod client;
 pub mod server;
 
