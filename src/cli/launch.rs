@@ -11,9 +11,9 @@ use anyhow::{Context, Result, bail};
 
 use splitaux::config::ExperimentConfig;
 use splitaux::data::locate;
-use splitaux::report::{self, Report, RunStatus};
+use splitaux::report::{self, RunStatus};
 
-use super::train::TrainArgs;
+use super::train::{TrainArgs, read_report};
 
 /// How long the server may take to load its data and listen, and how long the processes may
 /// take to end once one of them has ended.
@@ -80,20 +80,16 @@ pub fn train_over_grpc(args: &TrainArgs, config: &ExperimentConfig, out: &Path) 
     }
     let server_ok = wait_all(&mut server, &mut clients)?;
     let report_path = out.join(format!("{}.json", config.train.mode.name()));
-    let report = std::fs::read_to_string(&report_path).ok().and_then(|text| {
-        serde_json::from_str::<Report>(&text)
-            .ok()
-            .map(|r| (text, r))
-    });
-    let Some((text, report)) = report else {
+    if !report_path.exists() {
         bail!(
             "the server wrote no report at {} (see its message above)",
             report_path.display()
         );
-    };
+    }
+    let report = read_report(&report_path)?;
     if report.status != RunStatus::Running {
         if args.json {
-            println!("{}", text.trim_end());
+            println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             print!("{}", report::summary(&report));
             eprintln!("reports written to {}", out.display());

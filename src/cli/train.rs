@@ -245,7 +245,7 @@ fn resumed_config(
     Ok(recorded)
 }
 
-fn read_report(path: &Path) -> Result<Report> {
+pub(super) fn read_report(path: &Path) -> Result<Report> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text)

@@ -98,6 +98,31 @@ pub struct Checkpoint {
     pub server: ModelState,
 }
 
+/// Writes `bytes` to `path` so that a reader, or a crash at any moment, sees the old file or
+/// the new one whole: into `partial` (same folder), synced, renamed over `path`, and the folder
+/// synced. An error names the file it happened on.
+pub fn write_atomically(
+    partial: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(), (PathBuf, std::io::Error)> {
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| (p, e)
+    };
+    let mut file = std::fs::File::create(partial).map_err(at(partial))?;
+    file.write_all(bytes).map_err(at(partial))?;
+    file.sync_all().map_err(at(partial))?;
+    drop(file);
+    std::fs::rename(partial, path).map_err(at(path))?;
+    // The rename itself survives a crash once the folder is synced.
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Ok(folder) = std::fs::File::open(folder.unwrap_or(Path::new("."))) {
+        folder.sync_all().map_err(at(path))?;
+    }
+    Ok(())
+}
+
 impl Checkpoint {
     /// Writes the checkpoint into `dir` atomically (see the module doc).
     pub fn save(&self, dir: &Path) -> Result<PathBuf, CheckpointError> {
@@ -108,15 +133,7 @@ impl Checkpoint {
             let path = path.to_path_buf();
             move |source| CheckpointError::Io { path, source }
         };
-        let mut file = std::fs::File::create(&partial).map_err(io(&partial))?;
-        file.write_all(&bytes).map_err(io(&partial))?;
-        file.sync_all().map_err(io(&partial))?;
-        drop(file);
-        std::fs::rename(&partial, &path).map_err(io(&path))?;
-        // The rename itself survives a crash once the folder is synced.
-        if let Ok(folder) = std::fs::File::open(dir) {
-            folder.sync_all().map_err(io(dir))?;
-        }
+        write_atomically(&partial, &path, &bytes).map_err(|(at, source)| io(&at)(source))?;
         Ok(path)
     }
 

@@ -519,12 +519,10 @@ impl Serving<'_> {
         let Some(path) = &self.options.report_path else {
             return Ok(());
         };
-        let io =
-            |e: std::io::Error| RunError::Failed(format!("cannot write {}: {e}", path.display()));
         let text = serde_json::to_string_pretty(report)
             .map_err(|e| RunError::Failed(format!("the report as JSON: {e}")))?;
         let partial = path.with_extension("json.partial");
-        std::fs::write(&partial, text + "\n").map_err(io)?;
-        std::fs::rename(&partial, path).map_err(io)
+        crate::run::checkpoint::write_atomically(&partial, path, (text + "\n").as_bytes())
+            .map_err(|(at, e)| RunError::Failed(format!("cannot write {}: {e}", at.display())))
     }
 }
