@@ -9,13 +9,17 @@ use std::time::Instant;
 use splitaux::kernels::batch_norm::{self, NormShape, ReluGate};
 use splitaux::kernels::conv::{self, ConvGeometry};
 
+/// The fastest of `reps` timed calls (after one untimed): on a shared VM the minimum is the
+/// estimate least disturbed by other tenants.
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let start = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    start.elapsed().as_secs_f64() / reps as f64
+    (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() {
@@ -52,10 +56,10 @@ fn main() {
         let w = vec![0.1f32; cout * cin * 9];
         let dy = vec![0.2f32; batch * g.out_len()];
         let want_dx = cin != 3;
-        let fwd = time(3, || {
+        let fwd = time(5, || {
             std::hint::black_box(conv::forward(&g, &x, &w));
         });
-        let bwd = time(3, || {
+        let bwd = time(5, || {
             std::hint::black_box(conv::backward(&g, &x, &w, &dy, want_dx, true));
         });
         let flops = 2.0 * (batch * g.out_len() * cin * 9) as f64;

@@ -60,6 +60,7 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.cpu {
         println!("{}", splitaux::kernels::cpu::describe());
+        println!("{}", splitaux::kernels::describe_blocking());
         return Ok(());
     }
     if args.batch < 2 {

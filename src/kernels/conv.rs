@@ -332,15 +332,14 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
         g.out_channels * g.patch_len(),
         "conv2d: weight length"
     );
-    if direct::handles(g) {
-        forward_direct(g, x, weight)
-    } else {
-        forward_im2col(g, x, weight)
+    match direct::Isa::chosen() {
+        Some(isa) if direct::handles(g) => forward_direct(isa, g, x, weight),
+        _ => forward_im2col(g, x, weight),
     }
 }
 
-/// [`forward`] by [`direct`] convolution, image by image.
-fn forward_direct(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
+/// [`forward`] by [`direct`] convolution on instruction set `isa`, image by image.
+fn forward_direct(isa: direct::Isa, g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let packed = direct::PackedWeights::new(g, weight);
     let per = images_per_task(g.batch);
     let fill = |y: &mut [MaybeUninit<f32>]| {
@@ -349,7 +348,7 @@ fn forward_direct(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
             .for_each(|(ys, xs)| {
                 let mut scratch = direct::Scratch::new(g);
                 for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
-                    direct::forward_image(g, xi, &packed, &mut scratch, yi);
+                    direct::forward_image(isa, g, xi, &packed, &mut scratch, yi);
                 }
             })
     };
@@ -458,10 +457,11 @@ pub fn backward(
 /// - `x`: `[batch, in, h, w]`; `dy`: `[batch, out, out_h, out_w]`
 /// - returns `[out, in, k, k]`
 fn weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    if direct::handles_weight_gradient(g) {
-        direct::weight_gradient(g, x, dy, REDUCTION_CHUNK)
-    } else {
-        weight_gradient_im2col(g, x, dy)
+    match direct::Isa::chosen() {
+        Some(isa) if direct::handles_weight_gradient(g) => {
+            direct::weight_gradient(isa, g, x, dy, REDUCTION_CHUNK)
+        }
+        _ => weight_gradient_im2col(g, x, dy),
     }
 }
 
@@ -614,24 +614,36 @@ mod tests {
     }
 
     /// A convolution kernel on whole batches: `(geometry, x, weights or dy) → output`.
-    type Kernel = fn(&ConvGeometry, &[f32], &[f32]) -> Vec<f32>;
+    type Kernel = Box<dyn Fn(&ConvGeometry, &[f32], &[f32]) -> Vec<f32>>;
 
-    /// Each way [`forward`] can run: im2col + GEMM and, where this CPU and `g` allow it, direct.
-    fn forward_paths(g: &ConvGeometry) -> Vec<(&'static str, Kernel)> {
-        let mut paths: Vec<(&'static str, Kernel)> = vec![("im2col", forward_im2col)];
+    /// Each way [`forward`] can run: im2col + GEMM and, where `g` allows it, direct on every
+    /// instruction set this CPU has.
+    fn forward_paths(g: &ConvGeometry) -> Vec<(String, Kernel)> {
+        let mut paths: Vec<(String, Kernel)> = vec![("im2col".into(), Box::new(forward_im2col))];
         if direct::handles(g) {
-            paths.push(("direct", forward_direct));
+            for isa in direct::Isa::available() {
+                paths.push((
+                    format!("direct {isa:?}"),
+                    Box::new(move |g, x, w| forward_direct(isa, g, x, w)),
+                ));
+            }
         }
         paths
     }
 
     /// As [`forward_paths`], for the weight gradient.
-    fn weight_gradient_paths(g: &ConvGeometry) -> Vec<(&'static str, Kernel)> {
-        let mut paths: Vec<(&'static str, Kernel)> = vec![("im2col", weight_gradient_im2col)];
+    fn weight_gradient_paths(g: &ConvGeometry) -> Vec<(String, Kernel)> {
+        let mut paths: Vec<(String, Kernel)> =
+            vec![("im2col".into(), Box::new(weight_gradient_im2col))];
         if direct::handles_weight_gradient(g) {
-            paths.push(("direct", |g, x, dy| {
-                direct::weight_gradient(g, x, dy, REDUCTION_CHUNK)
-            }));
+            for isa in direct::Isa::available() {
+                paths.push((
+                    format!("direct {isa:?}"),
+                    Box::new(move |g, x, dy| {
+                        direct::weight_gradient(isa, g, x, dy, REDUCTION_CHUNK)
+                    }),
+                ));
+            }
         }
         paths
     }
@@ -681,7 +693,7 @@ mod tests {
             let x = values(g.batch * g.in_len(), 8);
             let dy = values(g.batch * g.out_len(), 9);
             let paths = weight_gradient_paths(&g);
-            let (_, reference) = paths[0];
+            let (_, reference) = &paths[0];
             let want = reference(&g, &x, &dy);
             for (name, path) in &paths[1..] {
                 assert_close(&path(&g, &x, &dy), &want, &format!("{name} {g:?}"));
@@ -689,10 +701,10 @@ mod tests {
         }
     }
 
-    /// The dispatch follows the kernel path (`cpu::kernel_path`): on the AVX-512 path (CPUs
-    /// with AVX-512 F and VL, unless `SPLITAUX_KERNEL_PATH` forces another) the direct kernels
-    /// take ResNet's stride-1 convolutions, so the comparisons above exercise both paths;
-    /// stride 2 and 8×8 weight gradients stay on im2col + GEMM.
+    /// The dispatch follows the kernel path (`cpu::kernel_path`): on the AVX-512 and AVX2 paths
+    /// (unless `SPLITAUX_KERNEL_PATH=portable`) the direct kernels take ResNet's stride-1
+    /// convolutions, so the comparisons above exercise them; stride 2 and 8×8 weight gradients
+    /// stay on im2col + GEMM. The chosen instruction set is always one the CPU has.
     #[test]
     fn direct_kernels_cover_resnet_convolutions_where_the_cpu_allows() {
         let g = ConvGeometry {
@@ -706,19 +718,12 @@ mod tests {
             padding: 1,
         };
         use super::super::cpu::{KernelPath, kernel_path};
-        let cpu = kernel_path() == KernelPath::Avx512;
-        #[cfg(target_arch = "x86_64")]
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx512 = false;
+        let chosen = direct::Isa::chosen();
+        assert_eq!(chosen.is_some(), kernel_path() != KernelPath::Portable);
         // The path never outruns the CPU (the direct kernels' `unsafe` relies on it).
-        assert!(
-            !cpu || avx512,
-            "AVX-512 path on a CPU without AVX-512 F and VL"
-        );
-        assert_eq!(direct::handles(&g), cpu);
-        assert_eq!(direct::handles_weight_gradient(&g), cpu);
+        assert!(chosen.is_none_or(|isa| direct::Isa::available().contains(&isa)));
+        assert_eq!(direct::handles(&g), chosen.is_some());
+        assert_eq!(direct::handles_weight_gradient(&g), chosen.is_some());
         assert!(!direct::handles_weight_gradient(&ConvGeometry {
             width: 8,
             height: 8,

@@ -46,10 +46,10 @@ const SYSFS_CACHE_DIR: &str = "/sys/devices/system/cpu/cpu0/cache";
 /// Which family of hand-written kernels runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelPath {
-    /// AVX-512 F + VL: the direct convolution in `direct.rs`.
+    /// AVX-512 F + VL: the direct convolution's 512-bit tiles (`direct/avx512.rs`).
     Avx512,
-    /// AVX2 + FMA (8 lanes, 16 ymm registers). No kernel of its own yet: the convolutions go
-    /// through im2col + GEMM, as on [`KernelPath::Portable`].
+    /// AVX2 + FMA (8 lanes, 16 ymm registers): the direct convolution's 256-bit tiles
+    /// (`direct/avx2.rs`), which add in the same order as the 512-bit ones.
     Avx2,
     /// No SIMD of our own: im2col + GEMM and the portable BatchNorm.
     Portable,

@@ -34,6 +34,11 @@ pub use backend::CpuKernels;
 /// depend on the thread count: these kernels give bit-identical results on any number of cores.
 const REDUCTION_CHUNK: usize = 16;
 
+/// One line on the kernels' cache blocking on this machine (see [`direct::describe_blocking`]).
+pub fn describe_blocking() -> String {
+    direct::describe_blocking(REDUCTION_CHUNK)
+}
+
 /// Adds the per-chunk partial sums of a reduction in chunk order (see [`REDUCTION_CHUNK`]).
 fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
     let mut total = vec![0.0; len];

@@ -1,0 +1,168 @@
+//! The direct kernel's AVX2 tiles (AVX2 + FMA; 8 lanes, 16 registers). A forward tile holds 6
+//! output channels × 2 vectors of 8 grid positions (12 accumulators, 2 input vectors and the
+//! broadcast weights: 4 cycles of FMA latency × 2 FMA units need at least 8 chains in flight,
+//! and 4 channels × 3 vectors needed 17 registers, which LLVM spilled). A weight-gradient tile takes one kernel row at a
+//! time: 2 output channels × 3 taps × the 16 lane sums as two vectors (12 accumulators, 4
+//! output-gradient vectors). The sum order is the one [`super`] defines, so these tiles give
+//! the AVX-512 tiles' bits.
+
+use std::arch::x86_64::*;
+
+use super::{GradientGroup, LANES, Layout, TILE_SUMS, Tile};
+
+/// Floats per vector.
+const WIDTH: usize = 8;
+/// Output channels per forward tile, at most (the last tile of an image may take 4 or 2).
+const CHANNELS: usize = 6;
+/// Vectors of grid positions per forward tile, at most.
+const MAX_VECTORS: usize = 2;
+
+/// `dst[..src.len()] = src` with vector moves (and scalar ones for the tail).
+///
+/// # Safety
+/// AVX2; `dst` valid for `src.len()` writes.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn copy_row(src: &[f32], dst: *mut f32) {
+    let body = src.len() / WIDTH * WIDTH;
+    for i in (0..body).step_by(WIDTH) {
+        // SAFETY: `i + 8 ≤ body ≤ src.len()`, inside both buffers.
+        unsafe { _mm256_storeu_ps(dst.add(i), _mm256_loadu_ps(src.as_ptr().add(i))) };
+    }
+    for (i, v) in src.iter().enumerate().skip(body) {
+        // SAFETY: `i < src.len()`.
+        unsafe { dst.add(i).write(*v) };
+    }
+}
+
+/// Output channels of the next forward tile when `left` remain: 6 while more than 8 remain,
+/// then two tiles of 4 (a tile of 2 would have only 4 accumulators, too few to hide the FMA
+/// latency), or the even count covering what is left. The tile reaches at most one channel past
+/// the real ones (when `left` is odd), inside the packed weights' zero padding: `out_padded` is
+/// a multiple of 8.
+fn tile_channels(left: usize) -> usize {
+    match left {
+        0..=4 => left.next_multiple_of(2),
+        7 | 8 => 4,
+        _ => CHANNELS,
+    }
+}
+
+/// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of grid
+/// positions, every block of [`CHANNELS`] output channels (the input strip stays in L1 across
+/// the blocks).
+///
+/// # Safety
+/// AVX2 and FMA; `tile`'s buffers as [`super::forward_image`] asserts them.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn run_tiles(tile: &Tile) {
+    let vectors = tile.grid / WIDTH;
+    let mut v = 0;
+    while v < vectors {
+        let nv = (vectors - v).min(MAX_VECTORS);
+        let x = v * WIDTH;
+        let mut o = 0;
+        while o < tile.out_channels {
+            let channels = tile_channels(tile.out_channels - o);
+            // SAFETY: `o + channels ≤ out_padded` (see `tile_channels`), `x + nv·8 ≤ grid`.
+            unsafe {
+                match (channels, nv) {
+                    (6, 2) => forward_tile::<6, 2>(tile, x, o),
+                    (6, _) => forward_tile::<6, 1>(tile, x, o),
+                    (4, 2) => forward_tile::<4, 2>(tile, x, o),
+                    (4, _) => forward_tile::<4, 1>(tile, x, o),
+                    (_, 2) => forward_tile::<2, 2>(tile, x, o),
+                    _ => forward_tile::<2, 1>(tile, x, o),
+                }
+            }
+            o += channels;
+        }
+        v += nv;
+    }
+}
+
+/// Grid positions `x .. x + 8·NV` of output channels `o + j`, `j < CH`:
+/// `Σ_{c, t} w[c, t, o + j] · input[c, x + taps[t] ..]`, one FMA per term in `(c, t)` order.
+///
+/// # Safety
+/// As [`run_tiles`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_tile<const CH: usize, const NV: usize>(tile: &Tile, x: usize, o: usize) {
+    let mut acc = [[_mm256_setzero_ps(); NV]; CH];
+    for c in 0..tile.channels {
+        // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+        let base = unsafe { tile.input.add(c * tile.plane + x) };
+        let wc = unsafe { tile.weights.add(c * tile.taps.len() * tile.out_padded + o) };
+        for (t, &offset) in tile.taps.iter().enumerate() {
+            let src = unsafe { base.add(offset) };
+            let xs: [__m256; NV] =
+                std::array::from_fn(|v| unsafe { _mm256_loadu_ps(src.add(v * WIDTH)) });
+            let wt = unsafe { wc.add(t * tile.out_padded) };
+            for (j, row) in acc.iter_mut().enumerate() {
+                let b = unsafe { _mm256_broadcast_ss(&*wt.add(j)) };
+                for (a, xv) in row.iter_mut().zip(&xs) {
+                    *a = _mm256_fmadd_ps(*xv, b, *a);
+                }
+            }
+        }
+    }
+    for (j, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            // SAFETY: channel `o + j` (at most one past an odd `out_channels`) and positions
+            // `x + 8v .. + 8` lie inside the output grid (`[out_channels (even), grid]`).
+            unsafe { _mm256_storeu_ps(tile.output.add((o + j) * tile.grid + x + v * WIDTH), *a) };
+        }
+    }
+}
+
+/// Adds one group's terms to the lane sums of tile `(o/2, c)`, as the AVX-512 tile does: for
+/// `j < 2`, `t < 9`, lane `l` of `lanes[(j·9 + t)·16 ..]` gains `dY[o + j, g] · X′[c, g + taps[t]]`
+/// for every image and grid position `g ≡ l (mod 16)`, in image-then-position order. The
+/// sixteen lanes are two vectors (`l < 8`, `l ≥ 8`), and the kernel's three rows are three
+/// sweeps over the group.
+///
+/// # Safety
+/// AVX2 and FMA; the reads stay inside the buffers (see [`GradientGroup::accumulate`]).
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gradient_tile(
+    group: &GradientGroup,
+    c: usize,
+    o: usize,
+    l: &Layout,
+    taps: &[usize; 9],
+    lanes: &mut [f32; TILE_SUMS],
+) {
+    for ki in 0..3 {
+        // Accumulator `(j·3 + tt)·2 + h`: output channel `o + j`, tap `3·ki + tt`, half `h`.
+        let slot = |k: usize| {
+            let (j, tt, h) = (k / 6, k / 2 % 3, k % 2);
+            (j * 9 + ki * 3 + tt) * LANES + h * WIDTH
+        };
+        // One flat array indexed by constants once the loops are unrolled (kept in registers).
+        let mut acc: [__m256; 12] =
+            std::array::from_fn(|k| unsafe { _mm256_loadu_ps(lanes.as_ptr().add(slot(k))) });
+        let row_taps = [taps[ki * 3], taps[ki * 3 + 1], taps[ki * 3 + 2]];
+        for i in 0..group.images {
+            // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+            let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
+            let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
+            for v in (0..l.grid).step_by(LANES) {
+                let d: [__m256; 4] = std::array::from_fn(|k| unsafe {
+                    _mm256_loadu_ps(dyo.add((k / 2) * l.grid + v + (k % 2) * WIDTH))
+                });
+                for (tt, &tap) in row_taps.iter().enumerate() {
+                    for h in 0..2 {
+                        let xv = unsafe { _mm256_loadu_ps(xc.add(tap + v + h * WIDTH)) };
+                        for j in 0..2 {
+                            let k = (j * 3 + tt) * 2 + h;
+                            acc[k] = _mm256_fmadd_ps(d[j * 2 + h], xv, acc[k]);
+                        }
+                    }
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            // SAFETY: `slot(k) + 8 ≤ TILE_SUMS`.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(slot(k)), *a) };
+        }
+    }
+}

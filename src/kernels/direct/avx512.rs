@@ -1,0 +1,137 @@
+//! The direct kernel's AVX-512 tiles (F + VL; 16 lanes, 32 registers). A forward tile holds 8
+//! output channels × up to 3 vectors of 16 grid positions (24 accumulators); a weight-gradient
+//! tile 2 output channels × 9 taps (18 accumulators, one vector of lane sums each). The sum
+//! order is the one [`super`] defines.
+//!
+//! VL as well as F: without it LLVM keeps loop-carried accumulators in zmm0–15 only and spills
+//! the rest, since the 128-bit zeroing idiom it uses needs VL to reach zmm16–31.
+
+use std::arch::x86_64::*;
+
+use super::{GradientGroup, LANES, Layout, OUT_BLOCK, TILE_SUMS, Tile};
+
+/// Output channels per forward tile.
+const CHANNELS: usize = OUT_BLOCK;
+/// Vectors of grid positions per forward tile, at most.
+const MAX_VECTORS: usize = 3;
+
+/// `dst[..src.len()] = src` with masked vector moves.
+///
+/// # Safety
+/// AVX-512 F and VL; `dst` valid for `src.len()` writes.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn copy_row(src: &[f32], dst: *mut f32) {
+    for (i, s) in src.chunks(LANES).enumerate() {
+        let mask = ((1u32 << s.len()) - 1) as __mmask16;
+        // SAFETY: the masked lanes cover `s.len()` floats of the chunk, in both buffers.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, s.as_ptr());
+            _mm512_mask_storeu_ps(dst.add(i * LANES), mask, v);
+        }
+    }
+}
+
+/// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of grid
+/// positions, every block of [`CHANNELS`] output channels (the input strip stays in L1 across
+/// the blocks).
+///
+/// # Safety
+/// AVX-512 F and VL; `tile`'s buffers as [`super::forward_image`] asserts them.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn run_tiles(tile: &Tile) {
+    let vectors = tile.grid / LANES;
+    let mut v = 0;
+    while v < vectors {
+        let nv = (vectors - v).min(MAX_VECTORS);
+        for o in (0..tile.out_channels).step_by(CHANNELS) {
+            // SAFETY: `o + CHANNELS ≤ out_padded`, `x + nv·16 ≤ grid`.
+            unsafe {
+                match nv {
+                    3 => forward_tile::<3>(tile, v * LANES, o),
+                    2 => forward_tile::<2>(tile, v * LANES, o),
+                    _ => forward_tile::<1>(tile, v * LANES, o),
+                }
+            }
+        }
+        v += nv;
+    }
+}
+
+/// Grid positions `x .. x + 16·NV` of output channels `o + j`, `j <` [`CHANNELS`]:
+/// `Σ_{c, t} w[c, t, o + j] · input[c, x + taps[t] ..]`, one FMA per term in `(c, t)` order.
+///
+/// # Safety
+/// As [`run_tiles`].
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn forward_tile<const NV: usize>(tile: &Tile, x: usize, o: usize) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; CHANNELS];
+    for c in 0..tile.channels {
+        // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+        let base = unsafe { tile.input.add(c * tile.plane + x) };
+        let wc = unsafe { tile.weights.add(c * tile.taps.len() * tile.out_padded + o) };
+        for (t, &offset) in tile.taps.iter().enumerate() {
+            let src = unsafe { base.add(offset) };
+            let xs: [__m512; NV] =
+                std::array::from_fn(|v| unsafe { _mm512_loadu_ps(src.add(v * LANES)) });
+            let wt = unsafe { wc.add(t * tile.out_padded) };
+            for (j, row) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(unsafe { *wt.add(j) });
+                for (a, xv) in row.iter_mut().zip(&xs) {
+                    *a = _mm512_fmadd_ps(*xv, b, *a);
+                }
+            }
+        }
+    }
+    let plane = tile.height * tile.width;
+    for (j, row) in acc.iter().enumerate().take(tile.out_channels - o) {
+        // SAFETY: channel `o + j < out_channels` of the output.
+        let channel = unsafe { tile.output.add((o + j) * plane) };
+        for (v, a) in row.iter().enumerate() {
+            for (first, end, offset) in tile.runs(x + v * LANES, LANES) {
+                let mask = ((1u32 << end) - (1u32 << first)) as __mmask16;
+                // Only the masked lanes, inside the plane, are written (the base may lie
+                // before the plane, hence the wrapping arithmetic).
+                unsafe { _mm512_mask_storeu_ps(channel.wrapping_offset(offset), mask, *a) };
+            }
+        }
+    }
+}
+
+/// Adds one group's terms to the lane sums of tile `(o/2, c)`: for `j < 2`, `t < 9`, lane `l`
+/// of `lanes[(j·9 + t)·16 ..]` gains `dY[o + j, g] · X′[c, g + taps[t]]` for every image and
+/// grid position `g ≡ l (mod 16)`, in image-then-position order.
+///
+/// # Safety
+/// AVX-512 F and VL; the reads stay inside the buffers (see [`GradientGroup::accumulate`]).
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn gradient_tile(
+    group: &GradientGroup,
+    c: usize,
+    o: usize,
+    l: &Layout,
+    taps: &[usize; 9],
+    lanes: &mut [f32; TILE_SUMS],
+) {
+    // One flat array indexed by constants once the tap loop is unrolled: LLVM keeps it in 18
+    // registers (a nested `[[_; 9]; 2]` was spilled to the stack).
+    let mut acc: [__m512; 18] =
+        std::array::from_fn(|k| unsafe { _mm512_loadu_ps(lanes.as_ptr().add(k * LANES)) });
+    for i in 0..group.images {
+        // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+        let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
+        let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
+        for v in (0..l.grid).step_by(LANES) {
+            let d0 = unsafe { _mm512_loadu_ps(dyo.add(v)) };
+            let d1 = unsafe { _mm512_loadu_ps(dyo.add(l.grid + v)) };
+            for t in 0..9 {
+                let xv = unsafe { _mm512_loadu_ps(xc.add(taps[t] + v)) };
+                acc[t] = _mm512_fmadd_ps(d0, xv, acc[t]);
+                acc[9 + t] = _mm512_fmadd_ps(d1, xv, acc[9 + t]);
+            }
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: `k·16 + 16 ≤ TILE_SUMS`.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr().add(k * LANES), *a) };
+    }
+}

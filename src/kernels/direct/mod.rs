@@ -1,0 +1,572 @@
+//! Direct convolution for stride-1 "same" convolutions (odd kernel `k`, padding `(k − 1)/2`):
+//! the forward pass of ResNet's 3×3 convolutions, through the flipped-weight adjoint in
+//! [`super::conv`] their input gradient, and (3×3, planes ≥ 16 wide) their weight gradient. No
+//! patch matrix is built. This module owns the layout and the summation order; the register
+//! tiles that follow that order are per instruction set, in [`avx512`] (16 lanes, 32 registers)
+//! and [`avx2`] (8 lanes, 16 registers). CPUs with neither (and runs forcing
+//! `SPLITAUX_KERNEL_PATH=portable`, see [`super::cpu`]) use im2col + GEMM instead.
+//!
+//! Each image is copied once into zero-padded planes, `(h + k − 1) × (w + k − 1)` per channel.
+//! The output is computed on the *padded-width grid*: position `g = oh·w′ + ow` with
+//! `w′ = w + k − 1`, so that for every tap `(ki, kj)` the inputs of consecutive grid positions
+//! are consecutive floats of the padded plane, at `g + ki·w′ + kj`. The `k − 1` grid columns
+//! past `w` in each row are computed and dropped.
+//!
+//! # One summation order on every machine
+//! Both instruction sets add every output's terms in the same order, so the same seed gives the
+//! same bits on an AVX-512 and an AVX2 machine (sweeps split over machines, resumed runs and
+//! multi-process runs rely on it). Tile shapes and cache blocking decide only *when* a term is
+//! added, never *where* in its sum:
+//! - **Forward**: `y[o, g] = fma(x′[c, g + tap], w[o, c, tap], …)`, one fused multiply-add per
+//!   term, starting from zero, channels outermost and taps in row-major order within a channel
+//!   (`c·k² + tap`, the im2col row order).
+//! - **Weight gradient** (per chunk of images, see `REDUCTION_CHUNK`): sixteen lane sums per
+//!   weight, lane `l` taking grid positions `≡ l (mod 16)` of every image in turn, one fused
+//!   multiply-add per term; then the lanes folded in halves (`l + 8` onto `l`, then `+ 4`,
+//!   `+ 2`, `+ 1`, see [`fold_lanes`]). Image groups sized to the L2 cache only decide when the
+//!   lane sums are parked in memory between sweeps.
+//!
+//! The scalar references in the tests compute exactly these orders, and each instruction set the
+//! CPU has must match them bit for bit.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::cpu::{self, KernelPath};
+use super::geometry::ConvGeometry;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Output channels the packed weights are padded to a multiple of (a tile's channels divide it).
+const OUT_BLOCK: usize = 8;
+/// Grid positions per lane-sum vector of the weight gradient, and the grid's rounding.
+const LANES: usize = 16;
+
+/// The instruction sets with a direct kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F + VL: 16 lanes, 32 registers.
+    Avx512,
+    /// AVX2 + FMA: 8 lanes, 16 registers.
+    Avx2,
+}
+
+impl Isa {
+    /// The instruction set of this process's kernel path ([`cpu::kernel_path`]), if it has a
+    /// direct kernel.
+    pub fn chosen() -> Option<Self> {
+        match cpu::kernel_path() {
+            KernelPath::Avx512 => Some(Isa::Avx512),
+            KernelPath::Avx2 => Some(Isa::Avx2),
+            KernelPath::Portable => None,
+        }
+    }
+
+    /// Whether the forward tiles write whole vectors to an output grid that is then copied out
+    /// row by row (AVX2: its masked store, `vmaskmovps`, cost 12 % of the kernel's time on Zen
+    /// 3), rather than storing straight to the output with lane masks (AVX-512's `k` masks
+    /// are cheap).
+    fn grid_output(self) -> bool {
+        self == Isa::Avx2
+    }
+
+    /// Every instruction set this CPU can run (whatever the chosen path), for the tests.
+    pub fn available() -> Vec<Self> {
+        let features = cpu::cpu().features;
+        [
+            (Isa::Avx512, KernelPath::Avx512),
+            (Isa::Avx2, KernelPath::Avx2),
+        ]
+        .into_iter()
+        .filter(|(_, path)| path.supported(features))
+        .map(|(isa, _)| isa)
+        .collect()
+    }
+}
+
+/// Whether `g` is a geometry the direct kernel handles (stride 1, odd "same" kernel).
+fn fits(g: &ConvGeometry) -> bool {
+    g.stride == 1 && g.kernel % 2 == 1 && 2 * g.padding == g.kernel - 1 && g.in_channels > 0
+}
+
+/// Whether this process runs the direct kernel for `g`: a geometry it handles, on a kernel path
+/// with a direct kernel (AVX-512 or AVX2; `SPLITAUX_KERNEL_PATH=portable` turns it off).
+pub fn handles(g: &ConvGeometry) -> bool {
+    fits(g) && Isa::chosen().is_some()
+}
+
+/// The weights of a convolution reordered for the kernel: `[in, k·k, out′]`, `out′` the output
+/// channels rounded up to [`OUT_BLOCK`] (the extra ones zero), so a tile's weights for one input
+/// channel and tap are consecutive floats.
+pub struct PackedWeights {
+    data: Vec<f32>,
+    out_padded: usize,
+}
+
+impl PackedWeights {
+    /// # Shapes
+    /// - `weight`: `[out, in, k, k]`
+    pub fn new(g: &ConvGeometry, weight: &[f32]) -> Self {
+        let (out, cin, taps) = (g.out_channels, g.in_channels, g.kernel * g.kernel);
+        let out_padded = out.div_ceil(OUT_BLOCK) * OUT_BLOCK;
+        let mut data = vec![0.0; cin * taps * out_padded];
+        for o in 0..out {
+            for c in 0..cin {
+                for t in 0..taps {
+                    data[(c * taps + t) * out_padded + o] = weight[(o * cin + c) * taps + t];
+                }
+            }
+        }
+        Self { data, out_padded }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for one image row, inline with vector moves: rows are 8–32
+/// floats, where a `memcpy` call costs more than the copy (3 % of a training step).
+fn copy_row(isa: Isa, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    assert_eq!(src.len(), dst.len(), "copy_row: lengths");
+    // SAFETY: an `Isa` reaches the kernels only when the CPU has it (`Isa::chosen`,
+    // `Isa::available`); `dst` holds `src.len()` floats.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        let dst = dst.as_mut_ptr().cast::<f32>();
+        match isa {
+            Isa::Avx512 => avx512::copy_row(src, dst),
+            Isa::Avx2 => avx2::copy_row(src, dst),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(*s);
+        }
+    }
+}
+
+/// `floats` as slots to write (every `f32` is a valid `MaybeUninit<f32>`; only initialized
+/// values are written through it).
+fn as_slots(floats: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; writes through the view store initialized floats only.
+    unsafe { std::slice::from_raw_parts_mut(floats.as_mut_ptr().cast(), floats.len()) }
+}
+
+/// Per-thread buffers of the direct kernel: one padded input image, and one image's output on
+/// the grid (for the instruction sets whose tiles store whole vectors, see [`Isa::grid_output`]).
+pub struct Scratch {
+    padded: Vec<f32>,
+    out_grid: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn new(g: &ConvGeometry) -> Self {
+        let l = Layout::new(g);
+        Self {
+            // Zeroed once: only the interiors are ever written.
+            padded: vec![0.0; l.padded_len(g)],
+            // Even channels: a tile may compute one channel past an odd count.
+            out_grid: vec![0.0; g.out_channels.next_multiple_of(2) * l.grid],
+        }
+    }
+}
+
+/// Sizes of the padded-width layout of one geometry.
+struct Layout {
+    /// Padded width `w′`.
+    row: usize,
+    /// Padded plane, `h′ · w′`.
+    plane: usize,
+    /// Grid positions computed, `h · w′` rounded up to [`LANES`].
+    grid: usize,
+}
+
+impl Layout {
+    fn new(g: &ConvGeometry) -> Self {
+        let row = g.width + 2 * g.padding;
+        Self {
+            row,
+            plane: (g.height + 2 * g.padding) * row,
+            grid: (g.height * row).div_ceil(LANES) * LANES,
+        }
+    }
+
+    /// Floats of one image's padded planes, with the slack the last channel's last vector reads
+    /// past its plane (`farthest_tap + grid` floats from the plane's start).
+    fn padded_len(&self, g: &ConvGeometry) -> usize {
+        let farthest_tap = (g.kernel - 1) * (self.row + 1);
+        (g.in_channels - 1) * self.plane + farthest_tap + self.grid
+    }
+
+    /// Copies an image `[in, h, w]` into the interiors of its padded planes in `dst` (whose
+    /// borders and slack are zero and stay so).
+    fn pad(&self, isa: Isa, g: &ConvGeometry, x: &[f32], dst: &mut [f32]) {
+        let (w, p) = (g.width, g.padding);
+        for (src, plane) in x.chunks_exact(g.height * w).zip(dst.chunks_mut(self.plane)) {
+            for (r, src_row) in src.chunks_exact(w).enumerate() {
+                copy_row(
+                    isa,
+                    src_row,
+                    as_slots(&mut plane[(r + p) * self.row + p..][..w]),
+                );
+            }
+        }
+    }
+
+    /// Writes an output gradient `[out, h, w]` onto the grid rows in `dst` (whose dropped
+    /// columns and tail are zero and stay so).
+    fn lay_on_grid(&self, isa: Isa, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
+        let w = g.width;
+        for (src, grid) in dy.chunks_exact(g.height * w).zip(dst.chunks_mut(self.grid)) {
+            for (r, src_row) in src.chunks_exact(w).enumerate() {
+                copy_row(isa, src_row, as_slots(&mut grid[r * self.row..][..w]));
+            }
+        }
+    }
+
+    /// Copies an output `[out, grid]` on the grid (`src`) to `y` (`[out, h, w]`), dropping the
+    /// columns past `w` and the tail.
+    fn ungrid(&self, isa: Isa, g: &ConvGeometry, src: &[f32], y: &mut [MaybeUninit<f32>]) {
+        let w = g.width;
+        for (grid, plane) in src.chunks(self.grid).zip(y.chunks_exact_mut(g.height * w)) {
+            for (r, row) in plane.chunks_exact_mut(w).enumerate() {
+                copy_row(isa, &grid[r * self.row..][..w], row);
+            }
+        }
+    }
+
+    /// Offset of tap `(ki, kj)` from a grid position, in the padded plane.
+    fn taps(&self, g: &ConvGeometry) -> Vec<usize> {
+        (0..g.kernel * g.kernel)
+            .map(|t| (t / g.kernel) * self.row + t % g.kernel)
+            .collect()
+    }
+}
+
+/// What every register tile of one image shares.
+struct Tile<'a> {
+    /// Padded input planes, `plane` floats apart.
+    input: *const f32,
+    plane: usize,
+    channels: usize,
+    /// Offsets of the taps in a padded plane.
+    taps: &'a [usize],
+    /// The packed weights ([`PackedWeights`]) and their padded output count.
+    weights: *const f32,
+    out_padded: usize,
+    /// The image's output, `[out_channels, height, width]`, or (see [`Isa::grid_output`]) the
+    /// output grid, `[out_channels (even), grid]`.
+    output: *mut f32,
+    out_channels: usize,
+    height: usize,
+    width: usize,
+    /// Grid positions per output row (the padded width).
+    row: usize,
+    /// Grid positions computed (a multiple of every instruction set's vector).
+    grid: usize,
+}
+
+impl Tile<'_> {
+    /// The output pixels of grid positions `start .. start + lanes`, one run per output row the
+    /// positions touch: `(first lane, end lane, offset)`, lane `i` of the run going to output
+    /// element `offset + i` of a channel's plane. Positions in dropped columns or past the last
+    /// row belong to no run. `offset` may be negative (lane 0 lies in an earlier row).
+    fn runs(&self, start: usize, lanes: usize) -> impl Iterator<Item = (usize, usize, isize)> {
+        let dropped = self.row - self.width;
+        let last = ((start + lanes - 1) / self.row).min(self.height.saturating_sub(1));
+        (start / self.row..=last).filter_map(move |r| {
+            let first_lane = (r * self.row).saturating_sub(start);
+            let end_lane = (r * self.row + self.width).saturating_sub(start).min(lanes);
+            // Lane `i` of row `r` is pixel `start + i − r·dropped`.
+            (first_lane < end_lane).then(|| {
+                (
+                    first_lane,
+                    end_lane,
+                    start as isize - (r * dropped) as isize,
+                )
+            })
+        })
+    }
+}
+
+/// Convolves one image on instruction set `isa` (the kernel's sum order, see the module
+/// documentation).
+///
+/// # Shapes
+/// - `x`: `[in, h, w]`
+/// - `y`: `[out, h, w]`, written in full
+pub fn forward_image(
+    isa: Isa,
+    g: &ConvGeometry,
+    x: &[f32],
+    weights: &PackedWeights,
+    scratch: &mut Scratch,
+    y: &mut [MaybeUninit<f32>],
+) {
+    assert!(fits(g), "direct convolution: unsupported geometry {g:?}");
+    let l = Layout::new(g);
+    assert_eq!(x.len(), g.in_len(), "direct convolution: input length");
+    assert_eq!(y.len(), g.out_len(), "direct convolution: output length");
+    assert_eq!(
+        weights.data.len(),
+        g.in_channels * g.kernel * g.kernel * weights.out_padded,
+        "direct convolution: packed weight length"
+    );
+    l.pad(isa, g, x, &mut scratch.padded);
+    let taps = l.taps(g);
+    assert!(
+        scratch.padded.len() >= (g.in_channels - 1) * l.plane + taps[taps.len() - 1] + l.grid,
+        "direct convolution: padded buffer"
+    );
+    let on_grid = isa.grid_output();
+    let output = if on_grid {
+        scratch.out_grid.as_mut_ptr()
+    } else {
+        y.as_mut_ptr().cast()
+    };
+    let tile = Tile {
+        input: scratch.padded.as_ptr(),
+        plane: l.plane,
+        channels: g.in_channels,
+        taps: &taps,
+        weights: weights.data.as_ptr(),
+        out_padded: weights.out_padded,
+        output,
+        out_channels: g.out_channels,
+        height: g.height,
+        width: g.width,
+        row: l.row,
+        grid: l.grid,
+    };
+    // SAFETY: the CPU has `isa` (see `copy_row`). The tiles read `padded` at most
+    // `(in − 1)·plane + farthest_tap + grid` floats in (asserted above) and the packed weights
+    // within their asserted length. They write each of `y`'s `out · h · w` elements once
+    // (asserted length) through `Tile::runs`, or all of the output grid (`Scratch::new`'s
+    // length).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match isa {
+            Isa::Avx512 => avx512::run_tiles(&tile),
+            Isa::Avx2 => avx2::run_tiles(&tile),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = tile;
+        unreachable!("an Isa exists only on x86-64");
+    }
+    if on_grid {
+        l.ungrid(isa, g, &scratch.out_grid, y);
+    }
+}
+
+/// Whether [`weight_gradient`] handles `g`: a geometry the direct kernel fits, with a 3×3
+/// kernel on planes at least 16 wide, on a path with a direct kernel. On narrower planes the
+/// dropped grid columns are too large a share (a quarter at 8×8), and im2col + GEMM is faster
+/// (measured on Zen 4 with `examples/kernel_times`: 64 channels at 8×8, backward 8.0 ms direct
+/// vs 7.6 ms; at 32×32 and 16×16 the direct kernel is 5–13 % faster). The rule is the same on
+/// every instruction set, so every machine takes the same path (and sum order).
+pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
+    handles(g) && g.kernel == 3 && g.width >= 16
+}
+
+/// Lane sums of one weight-gradient tile: 2 output channels × 9 taps × [`LANES`].
+const TILE_SUMS: usize = 2 * 9 * LANES;
+
+/// Images per weight-gradient group: as many padded inputs and gridded output gradients as fit
+/// in half the L2 cache (they are swept once per tile), at least one and at most `chunk`.
+pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
+    let l = Layout::new(g);
+    let (x_len, dy_len) = (l.padded_len(g), g.out_channels.next_multiple_of(2) * l.grid);
+    (cpu::l2_bytes() / 2 / (4 * (x_len + dy_len))).clamp(1, chunk)
+}
+
+/// One line on how the direct kernel blocks its work on this machine: the forward tile of the
+/// chosen instruction set and the weight-gradient image groups (from the L2 size) of a
+/// CIFAR ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 4 channels × 24
+/// positions; weight-gradient groups of 3 images (16 channels at 32×32), 3 (32 at 16×16) in
+/// 256 KiB (half the L2)`. Groups change only when lane sums are parked, not the sums.
+pub fn describe_blocking(chunk: usize) -> String {
+    let Some(isa) = Isa::chosen() else {
+        return "blocking: no direct kernel (portable path: im2col + GEMM)".into();
+    };
+    let tile = match isa {
+        Isa::Avx512 => "8 channels × 48 positions",
+        Isa::Avx2 => "4 channels × 24 positions",
+    };
+    let groups: Vec<String> = [(16, 32), (32, 16)]
+        .into_iter()
+        .map(|(channels, side)| {
+            let g = ConvGeometry {
+                batch: chunk,
+                in_channels: channels,
+                out_channels: channels,
+                height: side,
+                width: side,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            };
+            format!(
+                "{} ({channels} channels at {side}×{side})",
+                gradient_group(&g, chunk)
+            )
+        })
+        .collect();
+    format!(
+        "blocking: direct {}, forward tiles {tile}; weight-gradient groups of {} images in {} KiB \
+         (half the L2), lane sums carried over chunks of {chunk}",
+        cpu::kernel_path(),
+        groups.join(", "),
+        cpu::l2_bytes() / 2 / 1024
+    )
+}
+
+/// The sum of sixteen lane sums, folded in halves: lanes `l + 8` onto `l`, then `l + 4`,
+/// `l + 2`, `l + 1` (what a 512-bit vector's halving reduction computes).
+pub fn fold_lanes(lanes: &[f32; LANES]) -> f32 {
+    let mut v = *lanes;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+/// `dW = Σₙ Σ_g dYₙ[o, g] · X′ₙ[c, g + tap]` on instruction set `isa`: the correlation of the
+/// output gradient laid on the padded-width grid (zero on the dropped columns) with the padded
+/// input. Images are summed in fixed chunks of `chunk` (in the order of the module
+/// documentation), so the result depends neither on the thread count nor on the machine. The
+/// dropped columns multiply zeros with input pixels the true sum does not read: an infinite
+/// input pixel (a diverged step) can turn a finite weight-gradient entry into NaN where im2col
+/// would not.
+///
+/// # Shapes
+/// - `x`: `[batch, in, h, w]`; `dy`: `[batch, out, h, w]`
+/// - returns `[out, in, 3, 3]`
+pub fn weight_gradient(
+    isa: Isa,
+    g: &ConvGeometry,
+    x: &[f32],
+    dy: &[f32],
+    chunk: usize,
+) -> Vec<f32> {
+    assert!(
+        fits(g) && g.kernel == 3,
+        "direct weight gradient: unsupported geometry {g:?}"
+    );
+    let l = Layout::new(g);
+    // Output channels rounded up to the tile's two (the extra row of the grid stays zero).
+    let (x_len, dy_len) = (l.padded_len(g), g.out_channels.next_multiple_of(2) * l.grid);
+    let group = gradient_group(g, chunk);
+    let (out, cin) = (g.out_channels, g.in_channels);
+    let tiles = out.div_ceil(2) * cin;
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(chunk * g.in_len())
+        .zip(dy.par_chunks(chunk * g.out_len()))
+        .map_init(
+            // Zeroed once: padding, dropped grid columns and slack are never written.
+            || (vec![0.0; group * x_len], vec![0.0; group * dy_len]),
+            |(padded, gridded), (xs, dys)| {
+                let mut sums = vec![0.0; tiles * TILE_SUMS];
+                for (xg, dyg) in xs
+                    .chunks(group * g.in_len())
+                    .zip(dys.chunks(group * g.out_len()))
+                {
+                    let images = xg.len() / g.in_len();
+                    for (i, (xi, dyi)) in xg
+                        .chunks(g.in_len())
+                        .zip(dyg.chunks(g.out_len()))
+                        .enumerate()
+                    {
+                        l.pad(isa, g, xi, &mut padded[i * x_len..][..x_len]);
+                        l.lay_on_grid(isa, g, dyi, &mut gridded[i * dy_len..][..dy_len]);
+                    }
+                    let group = GradientGroup {
+                        padded: &padded[..images * x_len],
+                        gridded: &gridded[..images * dy_len],
+                        images,
+                        x_len,
+                        dy_len,
+                    };
+                    group.accumulate(isa, g, &l, &mut sums);
+                }
+                fold_tiles(g, &sums)
+            },
+        )
+        .collect();
+    super::sum_in_order(&partials, out * cin * 9)
+}
+
+/// `dW` (`[out, in, 3, 3]`) from the lane sums of every tile.
+fn fold_tiles(g: &ConvGeometry, sums: &[f32]) -> Vec<f32> {
+    let (out, cin) = (g.out_channels, g.in_channels);
+    let mut dw = vec![0.0; out * cin * 9];
+    for (tile, lanes) in sums.chunks_exact(TILE_SUMS).enumerate() {
+        let (o, c) = (tile / cin * 2, tile % cin);
+        for (j, row) in lanes.chunks_exact(9 * LANES).enumerate().take(out - o) {
+            for (t, lane) in row.chunks_exact(LANES).enumerate() {
+                let lane: &[f32; LANES] = lane.try_into().expect("LANES lane sums");
+                dw[((o + j) * cin + c) * 9 + t] = fold_lanes(lane);
+            }
+        }
+    }
+    dw
+}
+
+/// A group of images prepared for the weight gradient: padded inputs `x_len` floats apart and
+/// gridded output gradients `dy_len` floats apart.
+struct GradientGroup<'a> {
+    padded: &'a [f32],
+    gridded: &'a [f32],
+    images: usize,
+    x_len: usize,
+    dy_len: usize,
+}
+
+impl GradientGroup<'_> {
+    /// Adds this group's terms to the lane sums of every tile: `sums` is
+    /// `[out/2 (rounded up), in, 2, 9, LANES]`, tile `(o/2, c)` holding output channels
+    /// `o, o + 1` × input channel `c` × the nine taps.
+    fn accumulate(&self, isa: Isa, g: &ConvGeometry, l: &Layout, sums: &mut [f32]) {
+        let taps: [usize; 9] = l.taps(g).try_into().expect("a 3×3 kernel has nine taps");
+        let (out, cin) = (g.out_channels, g.in_channels);
+        assert!(
+            self.images > 0
+                && self.padded.len() >= (self.images - 1) * self.x_len + l.padded_len(g)
+                && self.gridded.len() >= self.images * self.dy_len
+                && self.dy_len >= out.next_multiple_of(2) * l.grid
+                && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
+            "direct weight gradient: buffer lengths"
+        );
+        for (tile, lanes) in sums.chunks_exact_mut(TILE_SUMS).enumerate() {
+            let (o, c) = (tile / cin * 2, tile % cin);
+            let lanes: &mut [f32; TILE_SUMS] = lanes.try_into().expect("TILE_SUMS lane sums");
+            // SAFETY: the CPU has `isa` (see `copy_row`); every read is inside the asserted
+            // buffers: channel `c`'s plane plus the farthest tap plus the grid stays inside
+            // `padded_len`, output channels `o..o + 2` inside the gridded gradients (rounded up
+            // to even).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match isa {
+                    Isa::Avx512 => avx512::gradient_tile(self, c, o, l, &taps, lanes),
+                    Isa::Avx2 => avx2::gradient_tile(self, c, o, l, &taps, lanes),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (isa, o, c, lanes);
+                unreachable!("an Isa exists only on x86-64");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

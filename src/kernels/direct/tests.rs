@@ -1,0 +1,203 @@
+//! The direct kernel against scalar references that spell out its summation order (see the
+//! module documentation): every instruction set this CPU has must give the same bits.
+
+use super::*;
+
+/// Pixel `(c, r, col)` of the zero-padded input `x` (`[in, h, w]`), with `(r, col)` counted
+/// from the padded plane's corner.
+fn padded_pixel(g: &ConvGeometry, x: &[f32], c: usize, r: usize, col: usize) -> f32 {
+    let p = g.padding;
+    if r < p || col < p || r - p >= g.height || col - p >= g.width {
+        0.0
+    } else {
+        x[(c * g.height + r - p) * g.width + col - p]
+    }
+}
+
+/// Padded-plane value at grid position `pos` plus tap offset `(ki, kj)`: reading past the last
+/// row lands in the zero slack, as the kernel's does.
+fn padded_at(
+    g: &ConvGeometry,
+    l: &Layout,
+    x: &[f32],
+    c: usize,
+    pos: usize,
+    ki: usize,
+    kj: usize,
+) -> f32 {
+    let at = pos + ki * l.row + kj;
+    let (r, col) = (at / l.row, at % l.row);
+    if r >= g.height + 2 * g.padding {
+        0.0
+    } else {
+        padded_pixel(g, x, c, r, col)
+    }
+}
+
+/// The forward order: per output, one fused multiply-add per term from zero, channels then taps.
+fn reference_forward(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (k, l) = (g.kernel, Layout::new(g));
+    let mut y = vec![0.0; g.batch * g.out_len()];
+    for n in 0..g.batch {
+        let xn = &x[n * g.in_len()..][..g.in_len()];
+        for o in 0..g.out_channels {
+            for r in 0..g.height {
+                for col in 0..g.width {
+                    let mut acc = 0.0f32;
+                    for c in 0..g.in_channels {
+                        for t in 0..k * k {
+                            let v = padded_pixel(g, xn, c, r + t / k, col + t % k);
+                            acc = v.mul_add(w[(o * g.in_channels + c) * k * k + t], acc);
+                        }
+                    }
+                    let _ = &l;
+                    y[((n * g.out_channels + o) * g.height + r) * g.width + col] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The weight-gradient order: per chunk, sixteen lane sums over (image, grid position) with
+/// fused multiply-adds, folded in halves; chunks added in order.
+fn reference_weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32], chunk: usize) -> Vec<f32> {
+    let l = Layout::new(g);
+    let size = g.out_channels * g.in_channels * 9;
+    let mut total = vec![0.0f32; size];
+    for first in (0..g.batch).step_by(chunk) {
+        let images = first..(first + chunk).min(g.batch);
+        for o in 0..g.out_channels {
+            for c in 0..g.in_channels {
+                for t in 0..9 {
+                    let mut lanes = [0.0f32; LANES];
+                    for n in images.clone() {
+                        let xn = &x[n * g.in_len()..][..g.in_len()];
+                        for pos in 0..l.grid {
+                            let (r, col) = (pos / l.row, pos % l.row);
+                            let d = if r < g.height && col < g.width {
+                                dy[((n * g.out_channels + o) * g.height + r) * g.width + col]
+                            } else {
+                                0.0
+                            };
+                            let v = padded_at(g, &l, xn, c, pos, t / 3, t % 3);
+                            lanes[pos % LANES] = d.mul_add(v, lanes[pos % LANES]);
+                        }
+                    }
+                    total[(o * g.in_channels + c) * 9 + t] += fold_lanes(&lanes);
+                }
+            }
+        }
+    }
+    total
+}
+
+fn values(len: usize, salt: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            (((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0) - 1.0 + 1e-3 * (i % 7) as f32
+        })
+        .collect()
+}
+
+fn geometry(
+    batch: usize,
+    cin: usize,
+    out: usize,
+    h: usize,
+    w: usize,
+    kernel: usize,
+) -> ConvGeometry {
+    ConvGeometry {
+        batch,
+        in_channels: cin,
+        out_channels: out,
+        height: h,
+        width: w,
+        kernel,
+        stride: 1,
+        padding: kernel / 2,
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn every_instruction_set_gives_the_reference_forward_bits() {
+    let geometries = [
+        geometry(2, 3, 16, 32, 32, 3),
+        geometry(3, 5, 9, 6, 6, 3),  // a partial tile of channels
+        geometry(2, 1, 3, 5, 19, 3), // non-square, one channel
+        geometry(2, 2, 5, 7, 7, 5),  // 5×5
+        geometry(1, 4, 4, 1, 1, 1),  // 1×1
+        geometry(2, 64, 64, 8, 8, 3),
+    ];
+    for g in geometries {
+        let x = values(g.batch * g.in_len(), 1);
+        let w = values(g.out_channels * g.patch_len(), 2);
+        let want = bits(&reference_forward(&g, &x, &w));
+        for isa in Isa::available() {
+            let packed = PackedWeights::new(&g, &w);
+            let mut scratch = Scratch::new(&g);
+            let mut y = vec![MaybeUninit::new(f32::NAN); g.batch * g.out_len()];
+            for (yi, xi) in y.chunks_mut(g.out_len()).zip(x.chunks(g.in_len())) {
+                forward_image(isa, &g, xi, &packed, &mut scratch, yi);
+            }
+            // SAFETY: initialized above (and overwritten by the kernel).
+            let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(bits(&y), want, "{isa:?} {g:?}");
+        }
+    }
+}
+
+#[test]
+fn every_instruction_set_gives_the_reference_weight_gradient_bits() {
+    let geometries = [
+        geometry(3, 3, 5, 16, 16, 3),  // odd output channels
+        geometry(17, 2, 4, 16, 18, 3), // past a chunk of 16
+        geometry(5, 16, 16, 32, 32, 3),
+    ];
+    for g in geometries {
+        let x = values(g.batch * g.in_len(), 3);
+        let dy = values(g.batch * g.out_len(), 4);
+        let want = bits(&reference_weight_gradient(&g, &x, &dy, 16));
+        for isa in Isa::available() {
+            assert_eq!(
+                bits(&weight_gradient(isa, &g, &x, &dy, 16)),
+                want,
+                "{isa:?} {g:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lanes_fold_in_halves() {
+    let lanes: [f32; LANES] = std::array::from_fn(|l| (l + 1) as f32);
+    assert_eq!(fold_lanes(&lanes), 136.0);
+    // 1 + 1e8 loses the 1 unless folded with its partner first: lanes 0 and 8 meet first.
+    let mut lanes = [0.0f32; LANES];
+    lanes[0] = 1.0;
+    lanes[8] = 1.0;
+    lanes[1] = 1e8;
+    lanes[9] = -1e8;
+    assert_eq!(fold_lanes(&lanes), 2.0);
+}
+
+#[test]
+fn the_instruction_sets_tested_are_the_ones_the_cpu_has() {
+    let features = cpu::cpu().features;
+    let available = Isa::available();
+    assert_eq!(
+        available.contains(&Isa::Avx2),
+        KernelPath::Avx2.supported(features)
+    );
+    assert_eq!(
+        available.contains(&Isa::Avx512),
+        KernelPath::Avx512.supported(features)
+    );
+    // The chosen one (if any) is among them.
+    assert!(Isa::chosen().is_none_or(|isa| available.contains(&isa)));
+}
