@@ -1,5 +1,5 @@
 //! The direct kernel's AVX2 tiles (AVX2 + FMA; 8 lanes, 16 registers). A forward tile holds 6
-//! output channels × 2 vectors of 8 grid positions (12 accumulators, 2 input vectors and the
+//! (or 5) output channels × 2 vectors of 8 grid positions (12 accumulators, 2 input vectors and the
 //! broadcast weights: 4 cycles of FMA latency × 2 FMA units need at least 8 chains in flight,
 //! and 4 channels × 3 vectors needed 17 registers, which LLVM spilled). A weight-gradient tile takes one kernel row at a
 //! time: 2 output channels × 3 taps × the 16 lane sums as two vectors (12 accumulators, 4
@@ -12,8 +12,6 @@ use super::{GradientGroup, LANES, Layout, TILE_SUMS, Tile};
 
 /// Floats per vector.
 const WIDTH: usize = 8;
-/// Output channels per forward tile, at most (the last tile of an image may take 4 or 2).
-const CHANNELS: usize = 6;
 /// Vectors of grid positions per forward tile, at most.
 const MAX_VECTORS: usize = 2;
 
@@ -34,21 +32,28 @@ pub(super) unsafe fn copy_row(src: &[f32], dst: *mut f32) {
     }
 }
 
-/// Output channels of the next forward tile when `left` remain: 6 while more than 8 remain,
-/// then two tiles of 4 (a tile of 2 would have only 4 accumulators, too few to hide the FMA
-/// latency), or the even count covering what is left. The tile reaches at most one channel past
-/// the real ones (when `left` is odd), inside the packed weights' zero padding: `out_padded` is
-/// a multiple of 8.
+/// Output channels of the next forward tile when `left` remain: tiles of 6 and 5 (12 and 10
+/// accumulators) wherever they cover the rest exactly (16 = 6 + 5 + 5, 32 = 6 + 6 + 5·4,
+/// 64 = 6·9 + 5·2), else 4, else the even count covering what is left. Fewer than 8
+/// accumulators cannot hide the FMA latency (4 cycles × 2 units). The tile reaches at most one
+/// channel past the real ones (when `left` is odd and below 4), inside the packed weights' zero
+/// padding: `out_padded` is a multiple of 8.
 fn tile_channels(left: usize) -> usize {
-    match left {
-        0..=4 => left.next_multiple_of(2),
-        7 | 8 => 4,
-        _ => CHANNELS,
+    // Whether `n` is a sum of 5s and 6s (or zero): n = 5a + 6b with b = n mod 5.
+    let exact = |n: usize| n % 5 * 6 <= n;
+    if left >= 6 && exact(left - 6) {
+        6
+    } else if left >= 5 && exact(left - 5) {
+        5
+    } else if left >= 4 {
+        4
+    } else {
+        left.next_multiple_of(2)
     }
 }
 
 /// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of grid
-/// positions, every block of [`CHANNELS`] output channels (the input strip stays in L1 across
+/// positions, every tile of output channels ([`tile_channels`]) (the input strip stays in L1 across
 /// the blocks).
 ///
 /// # Safety
@@ -68,6 +73,8 @@ pub(super) unsafe fn run_tiles(tile: &Tile) {
                 match (channels, nv) {
                     (6, 2) => forward_tile::<6, 2>(tile, x, o),
                     (6, _) => forward_tile::<6, 1>(tile, x, o),
+                    (5, 2) => forward_tile::<5, 2>(tile, x, o),
+                    (5, _) => forward_tile::<5, 1>(tile, x, o),
                     (4, 2) => forward_tile::<4, 2>(tile, x, o),
                     (4, _) => forward_tile::<4, 1>(tile, x, o),
                     (_, 2) => forward_tile::<2, 2>(tile, x, o),
@@ -164,5 +171,36 @@ pub(super) unsafe fn gradient_tile(
             // SAFETY: `slot(k) + 8 ≤ TILE_SUMS`.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(slot(k)), *a) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tile_channels;
+
+    #[test]
+    fn tiles_cover_the_channels_with_at_most_one_padded() {
+        for out in 1..=130 {
+            let (mut o, mut sizes) = (0, vec![]);
+            while o < out {
+                let c = tile_channels(out - o);
+                sizes.push(c);
+                o += c;
+            }
+            let padded = out.div_ceil(super::super::OUT_BLOCK) * super::super::OUT_BLOCK;
+            assert!(o <= out + 1 && o <= padded, "{out}: {sizes:?}");
+            assert!(o == out || out % 2 == 1, "{out}: {sizes:?}");
+        }
+        let tiles = |out: usize| {
+            let (mut o, mut sizes) = (0, vec![]);
+            while o < out {
+                sizes.push(tile_channels(out - o));
+                o += sizes[sizes.len() - 1];
+            }
+            sizes
+        };
+        assert_eq!(tiles(16), [6, 5, 5]);
+        assert_eq!(tiles(32), [6, 6, 5, 5, 5, 5]);
+        assert_eq!(tiles(64).iter().filter(|&&c| c < 5).count(), 0);
     }
 }
