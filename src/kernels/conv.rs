@@ -346,7 +346,7 @@ fn forward_direct(isa: direct::Isa, g: &ConvGeometry, x: &[f32], weight: &[f32])
         y.par_chunks_mut(per * g.out_len())
             .zip(x.par_chunks(per * g.in_len()))
             .for_each(|(ys, xs)| {
-                let mut scratch = direct::Scratch::new(g);
+                let mut scratch = direct::Scratch::new(isa, g);
                 for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
                     direct::forward_image(isa, g, xi, &packed, &mut scratch, yi);
                 }
@@ -609,7 +609,7 @@ mod tests {
             g(2, 2, 3, 9, 3, 3, 0),   // stride 3, aligned, no padding
             g(2, 2, 3, 2, 5, 1, 2),   // kernel wider than the image
             g(3, 3, 5, 16, 3, 1, 1),  // direct weight gradient, odd output channels
-            g(17, 8, 3, 32, 3, 1, 1), // direct: batch past a reduction chunk, groups of 9
+            g(17, 8, 3, 32, 3, 1, 1), // direct: batch past a reduction chunk
         ]
     }
 

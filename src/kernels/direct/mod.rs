@@ -13,10 +13,14 @@
 //! past `w` in each row are computed and dropped.
 //!
 //! # One summation order on every machine
-//! Both instruction sets add every output's terms in the same order, so the same seed gives the
-//! same bits on an AVX-512 and an AVX2 machine (sweeps split over machines, resumed runs and
-//! multi-process runs rely on it). Tile shapes and cache blocking decide only *when* a term is
-//! added, never *where* in its sum:
+//! Both instruction sets add every output's terms in the same order, so the direct kernels give
+//! the same bits on an AVX-512 and an AVX2 machine (sweeps split over machines, resumed runs and
+//! multi-process runs rely on it). Which convolutions run here is decided by the geometry alone
+//! ([`handles`], [`handles_weight_gradient`]), the same on both. The rest (stride 2, weight
+//! gradients of planes under 16 wide, and everything on the portable path) is im2col + the `gemm`
+//! crate, whose microkernel and depth blocking are its own choice per CPU (see `gemm.rs`): that
+//! part has not been compared across machines. Tile shapes and cache blocking decide only *when*
+//! a term is added, never *where* in its sum:
 //! - **Forward**: `y[o, g] = fma(x′[c, g + tap], w[o, c, tap], …)`, one fused multiply-add per
 //!   term, starting from zero, channels outermost and taps in row-major order within a channel
 //!   (`c·k² + tap`, the im2col row order).
@@ -41,14 +45,20 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-/// Output channels the packed weights are padded to a multiple of (a tile's channels divide it).
+/// Output channels the packed weights are padded to a multiple of: the AVX-512 tile's width, and
+/// room for the AVX2 tiles' one channel past an odd count.
 const OUT_BLOCK: usize = 8;
 /// Grid positions per lane-sum vector of the weight gradient, and the grid's rounding.
 const LANES: usize = 16;
 
-/// The instruction sets with a direct kernel.
+/// An instruction set with a direct kernel that this CPU has. Only [`Isa::chosen`] and
+/// [`Isa::available`] make one (the field is private), so holding an `Isa` proves the CPU can
+/// run its tiles: the kernels' `unsafe` relies on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
+pub struct Isa(Kind);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
     /// AVX-512 F + VL: 16 lanes, 32 registers.
     Avx512,
     /// AVX2 + FMA: 8 lanes, 16 registers.
@@ -60,8 +70,8 @@ impl Isa {
     /// direct kernel.
     pub fn chosen() -> Option<Self> {
         match cpu::kernel_path() {
-            KernelPath::Avx512 => Some(Isa::Avx512),
-            KernelPath::Avx2 => Some(Isa::Avx2),
+            KernelPath::Avx512 => Some(Isa(Kind::Avx512)),
+            KernelPath::Avx2 => Some(Isa(Kind::Avx2)),
             KernelPath::Portable => None,
         }
     }
@@ -71,15 +81,15 @@ impl Isa {
     /// 3), rather than storing straight to the output with lane masks (AVX-512's `k` masks
     /// are cheap).
     fn grid_output(self) -> bool {
-        self == Isa::Avx2
+        self.0 == Kind::Avx2
     }
 
     /// Every instruction set this CPU can run (whatever the chosen path), for the tests.
     pub fn available() -> Vec<Self> {
         let features = cpu::cpu().features;
         [
-            (Isa::Avx512, KernelPath::Avx512),
-            (Isa::Avx2, KernelPath::Avx2),
+            (Isa(Kind::Avx512), KernelPath::Avx512),
+            (Isa(Kind::Avx2), KernelPath::Avx2),
         ]
         .into_iter()
         .filter(|(_, path)| path.supported(features))
@@ -134,9 +144,9 @@ fn copy_row(isa: Isa, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
         let dst = dst.as_mut_ptr().cast::<f32>();
-        match isa {
-            Isa::Avx512 => avx512::copy_row(src, dst),
-            Isa::Avx2 => avx2::copy_row(src, dst),
+        match isa.0 {
+            Kind::Avx512 => avx512::copy_row(src, dst),
+            Kind::Avx2 => avx2::copy_row(src, dst),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -163,15 +173,24 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(g: &ConvGeometry) -> Self {
+    pub fn new(isa: Isa, g: &ConvGeometry) -> Self {
         let l = Layout::new(g);
         Self {
             // Zeroed once: only the interiors are ever written.
             padded: vec![0.0; l.padded_len(g)],
-            // Even channels: a tile may compute one channel past an odd count.
-            out_grid: vec![0.0; g.out_channels.next_multiple_of(2) * l.grid],
+            out_grid: if isa.grid_output() {
+                vec![0.0; out_grid_len(g, &l)]
+            } else {
+                Vec::new()
+            },
         }
     }
+}
+
+/// Floats of an output grid: even channels (a tile may compute one channel past an odd count)
+/// × the grid.
+fn out_grid_len(g: &ConvGeometry, l: &Layout) -> usize {
+    g.out_channels.next_multiple_of(2) * l.grid
 }
 
 /// Sizes of the padded-width layout of one geometry.
@@ -274,6 +293,7 @@ impl Tile<'_> {
     /// positions touch: `(first lane, end lane, offset)`, lane `i` of the run going to output
     /// element `offset + i` of a channel's plane. Positions in dropped columns or past the last
     /// row belong to no run. `offset` may be negative (lane 0 lies in an earlier row).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn runs(&self, start: usize, lanes: usize) -> impl Iterator<Item = (usize, usize, isize)> {
         let dropped = self.row - self.width;
         let last = ((start + lanes - 1) / self.row).min(self.height.saturating_sub(1));
@@ -322,6 +342,10 @@ pub fn forward_image(
         "direct convolution: padded buffer"
     );
     let on_grid = isa.grid_output();
+    assert!(
+        !on_grid || scratch.out_grid.len() >= out_grid_len(g, &l),
+        "direct convolution: output grid"
+    );
     let output = if on_grid {
         scratch.out_grid.as_mut_ptr()
     } else {
@@ -344,13 +368,12 @@ pub fn forward_image(
     // SAFETY: the CPU has `isa` (see `copy_row`). The tiles read `padded` at most
     // `(in − 1)·plane + farthest_tap + grid` floats in (asserted above) and the packed weights
     // within their asserted length. They write each of `y`'s `out · h · w` elements once
-    // (asserted length) through `Tile::runs`, or all of the output grid (`Scratch::new`'s
-    // length).
+    // (asserted length) through `Tile::runs`, or the output grid (asserted length).
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        match isa {
-            Isa::Avx512 => avx512::run_tiles(&tile),
-            Isa::Avx2 => avx2::run_tiles(&tile),
+        match isa.0 {
+            Kind::Avx512 => avx512::run_tiles(&tile),
+            Kind::Avx2 => avx2::run_tiles(&tile),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -386,16 +409,17 @@ pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
 
 /// One line on how the direct kernel blocks its work on this machine: the forward tile of the
 /// chosen instruction set and the weight-gradient image groups (from the L2 size) of a
-/// CIFAR ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 4 channels × 24
-/// positions; weight-gradient groups of 3 images (16 channels at 32×32), 3 (32 at 16×16) in
-/// 256 KiB (half the L2)`. Groups change only when lane sums are parked, not the sums.
+/// CIFAR ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 (or 5) channels
+/// × 16 positions; weight-gradient groups of 1 (16 channels at 32×32), 3 (32 channels at
+/// 16×16) images in 256 KiB (half the L2), lane sums kept over chunks of 16`. Groups change only
+/// when lane sums are parked, not the sums.
 pub fn describe_blocking(chunk: usize) -> String {
     let Some(isa) = Isa::chosen() else {
         return "blocking: no direct kernel (portable path: im2col + GEMM)".into();
     };
-    let tile = match isa {
-        Isa::Avx512 => "8 channels × 48 positions",
-        Isa::Avx2 => "4 channels × 24 positions",
+    let tile = match isa.0 {
+        Kind::Avx512 => "8 channels × 48 positions",
+        Kind::Avx2 => "6 or 5 channels (4 or 2 at the end) × 16 positions",
     };
     let groups: Vec<String> = [(16, 32), (32, 16)]
         .into_iter()
@@ -418,7 +442,7 @@ pub fn describe_blocking(chunk: usize) -> String {
         .collect();
     format!(
         "blocking: direct {}, forward tiles {tile}; weight-gradient groups of {} images in {} KiB \
-         (half the L2), lane sums carried over chunks of {chunk}",
+         (half the L2), lane sums kept over chunks of {chunk}",
         cpu::kernel_path(),
         groups.join(", "),
         cpu::l2_bytes() / 2 / 1024
@@ -457,14 +481,34 @@ pub fn weight_gradient(
     dy: &[f32],
     chunk: usize,
 ) -> Vec<f32> {
+    weight_gradient_in_groups(isa, g, x, dy, chunk, gradient_group(g, chunk))
+}
+
+/// [`weight_gradient`] with images swept in groups of `group` (what the L2 size decides there;
+/// the result is the same for every `group`).
+fn weight_gradient_in_groups(
+    isa: Isa,
+    g: &ConvGeometry,
+    x: &[f32],
+    dy: &[f32],
+    chunk: usize,
+    group: usize,
+) -> Vec<f32> {
     assert!(
         fits(g) && g.kernel == 3,
         "direct weight gradient: unsupported geometry {g:?}"
     );
+    assert!(
+        x.len() == g.batch * g.in_len() && dy.len() == g.batch * g.out_len(),
+        "direct weight gradient: input lengths"
+    );
+    assert!(
+        group >= 1 && chunk >= 1,
+        "direct weight gradient: empty groups"
+    );
     let l = Layout::new(g);
     // Output channels rounded up to the tile's two (the extra row of the grid stays zero).
     let (x_len, dy_len) = (l.padded_len(g), g.out_channels.next_multiple_of(2) * l.grid);
-    let group = gradient_group(g, chunk);
     let (out, cin) = (g.out_channels, g.in_channels);
     let tiles = out.div_ceil(2) * cin;
     let partials: Vec<Vec<f32>> = x
@@ -554,9 +598,9 @@ impl GradientGroup<'_> {
             // to even).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                match isa {
-                    Isa::Avx512 => avx512::gradient_tile(self, c, o, l, &taps, lanes),
-                    Isa::Avx2 => avx2::gradient_tile(self, c, o, l, &taps, lanes),
+                match isa.0 {
+                    Kind::Avx512 => avx512::gradient_tile(self, c, o, l, &taps, lanes),
+                    Kind::Avx2 => avx2::gradient_tile(self, c, o, l, &taps, lanes),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
