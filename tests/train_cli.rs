@@ -340,6 +340,43 @@ fn bench_runs_with_either_kernel_set() {
         .stderr(predicate::str::contains("fused").and(predicate::str::contains("burn")));
 }
 
+/// `bench --cpu` names the CPU, the kernel path and the blocking; a path forced with
+/// `SPLITAUX_KERNEL_PATH` shows in both lines (portable: no direct kernel).
+#[test]
+fn bench_cpu_prints_the_path_and_the_blocking() {
+    let output = splitaux()
+        .args(["bench", "--cpu"])
+        .env_remove("SPLITAUX_KERNEL_PATH")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("cpu: ") && lines[0].contains("kernels: "),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("blocking: "), "{text}");
+    let path = lines[0].rsplit("kernels: ").next().unwrap();
+    if path.starts_with("portable") {
+        assert!(lines[1].contains("no direct kernel"), "{text}");
+    } else {
+        assert!(lines[1].contains(&format!("direct {path}")), "{text}");
+        assert!(lines[1].contains("weight-gradient groups"), "{text}");
+    }
+
+    splitaux()
+        .args(["bench", "--cpu"])
+        .env("SPLITAUX_KERNEL_PATH", "portable")
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("kernels: portable (forced)")
+                .and(predicate::str::contains("blocking: no direct kernel")),
+        );
+}
+
 #[test]
 fn help_lists_commands() {
     splitaux()
