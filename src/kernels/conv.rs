@@ -1,12 +1,20 @@
-//! 2-D convolution on NCHW `f32` slices: forward, input gradient and weight gradient.
+//! 2-D convolution on NCHW `f32` slices: forward, input gradient and weight gradient, and the
+//! dispatch between the two ways to compute them.
 //!
-//! Each image is lowered to a patch matrix (im2col, `[in·k·k, out_h·out_w]`) and multiplied with
-//! the weights as one GEMM. Forward and input gradient split the batch into one contiguous run of
-//! images per thread, each with its own scratch buffers; the weight gradient sums fixed chunks of
-//! images (`REDUCTION_CHUNK`) so its result does not depend on the thread count. burn-flex instead converts every input to NHWC, flattens the
-//! weights on one thread, and computes the weight gradient as a convolution with the output gradient
-//! as its kernel (a 9× larger im2col and a skinny GEMM); here the weight gradient is the direct
-//! product `dW = dY · colᵀ`.
+//! - Stride-1 "same" convolutions go to the direct kernel ([`super::direct`]) on CPUs with AVX2
+//!   or AVX-512: the forward pass, the input gradient (the forward pass of the adjoint) and, on
+//!   planes at least 16 wide, the weight gradient.
+//! - Everything else (stride 2, the weight gradients of narrower planes, and every convolution
+//!   on the portable path) is lowered here to a patch matrix (im2col, `[in·k·k, out_h·out_w]`)
+//!   and multiplied with the weights as one GEMM per image; the weight gradient is the direct
+//!   product `dW = dY · colᵀ`.
+//!
+//! Forward and input gradient split the batch into one contiguous run of images per thread, each
+//! with its own scratch buffers; the weight gradient sums fixed chunks of images
+//! (`REDUCTION_CHUNK`) so its result does not depend on the thread count. burn-flex instead
+//! converts every input to NHWC, flattens the weights on one thread, and computes the weight
+//! gradient as a convolution with the output gradient as its kernel (a 9× larger im2col and a
+//! skinny GEMM).
 
 use rayon::prelude::*;
 
@@ -319,7 +327,8 @@ fn images_per_task(batch: usize) -> usize {
     batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-/// Forward convolution.
+/// Forward convolution: direct where [`direct::fits`] and the CPU has a direct kernel, else
+/// im2col + GEMM.
 ///
 /// # Shapes
 /// - `x`: `[batch, in, h, w]`
@@ -333,7 +342,7 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
         "conv2d: weight length"
     );
     match direct::Isa::chosen() {
-        Some(isa) if direct::handles(g) => forward_direct(isa, g, x, weight),
+        Some(isa) if direct::fits(g) => forward_direct(isa, g, x, weight),
         _ => forward_im2col(g, x, weight),
     }
 }
@@ -496,9 +505,9 @@ fn weight_gradient_im2col(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
 /// `dX`, the adjoint of the convolution applied to `dy`.
 ///
 /// A stride-1 "same" convolution's adjoint is itself such a convolution, of `dy` with the
-/// weights flipped in space and with in/out swapped; that reuses [`forward`] (a shifted-copy
-/// im2col and one GEMM per image) instead of scattering a `[in·k·k, plane]` matrix back onto
-/// the image. Other geometries multiply `Wᵀ · dYₙ` and scatter it with [`col2im`].
+/// weights flipped in space and with in/out swapped; that reuses [`forward`] (the direct kernel,
+/// or a shifted-copy im2col and one GEMM per image) instead of scattering a `[in·k·k, plane]`
+/// matrix back onto the image. Other geometries multiply `Wᵀ · dYₙ` and scatter it with [`col2im`].
 ///
 /// # Shapes
 /// - `weight`: `[out, in, k, k]`; `dy`: `[batch, out, out_h, out_w]`

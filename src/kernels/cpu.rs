@@ -51,7 +51,8 @@ pub enum KernelPath {
     /// AVX2 + FMA (8 lanes, 16 ymm registers): the direct convolution's 256-bit tiles
     /// (`direct/avx2.rs`), which add in the same order as the 512-bit ones.
     Avx2,
-    /// No SIMD of our own: im2col + GEMM and the portable BatchNorm.
+    /// No SIMD of our own: every convolution through im2col + GEMM (BatchNorm is the same on
+    /// every path).
     Portable,
 }
 

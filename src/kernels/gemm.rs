@@ -6,10 +6,15 @@
 //! and exposes no way to force one, so `SPLITAUX_KERNEL_PATH` (see [`super::cpu`]) does not
 //! reach the product. In the crate's main path each output element is one lane of one
 //! accumulator, summed in `k` order within depth blocks (`kc`: `min(k, 512)` when `m, n ≤ 64`,
-//! else derived from the L1 geometry and the microkernel's height), so the vector width alone
-//! does not change the order, but the depth blocking can. Tiny products (`m·n ≤ 256` with both
-//! operands contiguous along `k`) take lane-wise "horizontal" kernels instead, whose order does
-//! depend on the vector width; ResNet's convolutions are all larger.
+//! else derived from the L1 geometry and the microkernel's height but never below `min(k, 512)`:
+//! `gemm-common` 0.19, `cache::kernel_params`), so the vector width alone does not change the
+//! order, and neither does the blocking as long as `k ≤ 512`, which holds for every product the
+//! convolutions here make of a CIFAR ResNet (`k` = 9·in ≤ 288 for the stride-2 forward passes,
+//! out ≤ 64 for their input gradients, out_h·out_w ≤ 256 for the im2col weight gradients).
+//! Deeper products may split differently on machines with other L1 geometries. Tiny products
+//! (`m·n ≤ 256` with both operands contiguous along `k`) take lane-wise "horizontal" kernels
+//! instead, whose order does depend on the vector width; ResNet's convolutions are all larger.
+//! All of this is read from the crate's code, not compared across machines.
 
 use std::mem::MaybeUninit;
 

@@ -15,8 +15,8 @@ use super::{GradientGroup, LANES, Layout, TILE_SUMS, Tile};
 
 /// Floats per vector.
 const WIDTH: usize = 8;
-/// Vectors of grid positions per forward tile, at most.
-const MAX_VECTORS: usize = 2;
+/// Vectors of grid positions per forward tile.
+const VECTORS: usize = 2;
 
 /// `dst[..src.len()] = src` with vector moves (and scalar ones for the tail).
 ///
@@ -55,53 +55,45 @@ fn tile_channels(left: usize) -> usize {
     }
 }
 
-/// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of grid
-/// positions, every tile of output channels ([`tile_channels`]) (the input strip stays in L1 across
-/// the blocks).
+/// All register tiles of one image: for each pair of vectors of grid positions (the grid is a
+/// multiple of 16), every tile of output channels ([`tile_channels`]); the input strip stays in
+/// L1 across them.
 ///
 /// # Safety
 /// AVX2 and FMA; `tile`'s buffers as [`super::forward_image`] asserts them.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn run_tiles(tile: &Tile) {
-    let vectors = tile.grid / WIDTH;
-    let mut v = 0;
-    while v < vectors {
-        let nv = (vectors - v).min(MAX_VECTORS);
-        let x = v * WIDTH;
+    assert_eq!(tile.grid % (VECTORS * WIDTH), 0, "direct convolution: grid");
+    for x in (0..tile.grid).step_by(VECTORS * WIDTH) {
         let mut o = 0;
         while o < tile.out_channels {
             let channels = tile_channels(tile.out_channels - o);
-            // SAFETY: `o + channels ≤ out_padded` (see `tile_channels`), `x + nv·8 ≤ grid`.
+            // SAFETY: `o + channels ≤ out_padded` (see `tile_channels`), `x + 16 ≤ grid`.
             unsafe {
-                match (channels, nv) {
-                    (6, 2) => forward_tile::<6, 2>(tile, x, o),
-                    (6, _) => forward_tile::<6, 1>(tile, x, o),
-                    (5, 2) => forward_tile::<5, 2>(tile, x, o),
-                    (5, _) => forward_tile::<5, 1>(tile, x, o),
-                    (4, 2) => forward_tile::<4, 2>(tile, x, o),
-                    (4, _) => forward_tile::<4, 1>(tile, x, o),
-                    (_, 2) => forward_tile::<2, 2>(tile, x, o),
-                    _ => forward_tile::<2, 1>(tile, x, o),
+                match channels {
+                    6 => forward_tile::<6>(tile, x, o),
+                    5 => forward_tile::<5>(tile, x, o),
+                    4 => forward_tile::<4>(tile, x, o),
+                    _ => forward_tile::<2>(tile, x, o),
                 }
             }
             o += channels;
         }
-        v += nv;
     }
 }
 
-/// Grid positions `x .. x + 8·NV` of output channels `o + j`, `j < CH`:
+/// Grid positions `x .. x + 16` of output channels `o + j`, `j < CH`:
 /// `Σ_{c, t} w[c, t, o + j] · input[c, x + taps[t] ..]`, one FMA per term in `(c, t)` order.
 ///
 /// # Safety
 /// As [`run_tiles`].
 #[target_feature(enable = "avx2,fma")]
-unsafe fn forward_tile<const CH: usize, const NV: usize>(tile: &Tile, x: usize, o: usize) {
-    let mut acc = [[_mm256_setzero_ps(); NV]; CH];
+unsafe fn forward_tile<const CH: usize>(tile: &Tile, x: usize, o: usize) {
+    let mut acc = [[_mm256_setzero_ps(); VECTORS]; CH];
     // One tap: `src` its inputs, `wt` its weights for channels `o..`.
     let mut tap = |src: *const f32, wt: *const f32| {
         // SAFETY (both pointers): within the buffers, per the contract.
-        let xs: [__m256; NV] =
+        let xs: [__m256; VECTORS] =
             std::array::from_fn(|v| unsafe { _mm256_loadu_ps(src.add(v * WIDTH)) });
         for (j, row) in acc.iter_mut().enumerate() {
             let b = unsafe { _mm256_broadcast_ss(&*wt.add(j)) };
@@ -113,7 +105,7 @@ unsafe fn forward_tile<const CH: usize, const NV: usize>(tile: &Tile, x: usize, 
     let (taps, out_padded) = (tile.taps.len(), tile.out_padded);
     // 3×3 (ResNet): the nine taps' addresses from the row length, unrolled (no offset table
     // read per tap): 32→32 channels at 16×16, 1 thread, 2.13 → 1.98 ms per 32 images
-    // (`examples/kernel_times 32 1`, fastest of 30, Zen 3).
+    // (`examples/kernel_times 32 1`, fastest of six runs, Zen 3).
     let three = taps == 9;
     for c in 0..tile.channels {
         // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
@@ -198,29 +190,27 @@ pub(super) unsafe fn gradient_tile(
 mod tests {
     use super::tile_channels;
 
+    /// The tile sizes [`tile_channels`] walks `out` channels with.
+    fn tiles(out: usize) -> Vec<usize> {
+        let (mut o, mut sizes) = (0, vec![]);
+        while o < out {
+            sizes.push(tile_channels(out - o));
+            o += sizes[sizes.len() - 1];
+        }
+        sizes
+    }
+
     #[test]
     fn tiles_cover_the_channels_with_at_most_one_padded() {
         for out in 1..=130 {
-            let (mut o, mut sizes) = (0, vec![]);
-            while o < out {
-                let c = tile_channels(out - o);
-                sizes.push(c);
-                o += c;
-            }
+            let sizes = tiles(out);
+            let o: usize = sizes.iter().sum();
             let padded = out.div_ceil(super::super::OUT_BLOCK) * super::super::OUT_BLOCK;
             assert!(o <= out + 1 && o <= padded, "{out}: {sizes:?}");
             assert!(o == out || out % 2 == 1, "{out}: {sizes:?}");
         }
-        let tiles = |out: usize| {
-            let (mut o, mut sizes) = (0, vec![]);
-            while o < out {
-                sizes.push(tile_channels(out - o));
-                o += sizes[sizes.len() - 1];
-            }
-            sizes
-        };
         assert_eq!(tiles(16), [6, 5, 5]);
         assert_eq!(tiles(32), [6, 6, 5, 5, 5, 5]);
-        assert_eq!(tiles(64).iter().filter(|&&c| c < 5).count(), 0);
+        assert!(tiles(64).iter().all(|&c| c >= 5));
     }
 }

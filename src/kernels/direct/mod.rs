@@ -99,7 +99,7 @@ impl Isa {
 }
 
 /// Whether `g` is a geometry the direct kernel handles (stride 1, odd "same" kernel).
-fn fits(g: &ConvGeometry) -> bool {
+pub fn fits(g: &ConvGeometry) -> bool {
     g.stride == 1 && g.kernel % 2 == 1 && 2 * g.padding == g.kernel - 1 && g.in_channels > 0
 }
 
@@ -170,6 +170,8 @@ fn as_slots(floats: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 pub struct Scratch {
     padded: Vec<f32>,
     out_grid: Vec<f32>,
+    /// Offsets of the taps ([`Layout::taps`]), worked out once.
+    taps: Vec<usize>,
 }
 
 impl Scratch {
@@ -183,6 +185,7 @@ impl Scratch {
             } else {
                 Vec::new()
             },
+            taps: l.taps(g),
         }
     }
 }
@@ -330,13 +333,18 @@ pub fn forward_image(
     let l = Layout::new(g);
     assert_eq!(x.len(), g.in_len(), "direct convolution: input length");
     assert_eq!(y.len(), g.out_len(), "direct convolution: output length");
-    assert_eq!(
-        weights.data.len(),
-        g.in_channels * g.kernel * g.kernel * weights.out_padded,
-        "direct convolution: packed weight length"
+    assert!(
+        weights.out_padded == g.out_channels.div_ceil(OUT_BLOCK) * OUT_BLOCK
+            && weights.data.len() == g.in_channels * g.kernel * g.kernel * weights.out_padded,
+        "direct convolution: weights packed for another geometry"
     );
     l.pad(isa, g, x, &mut scratch.padded);
-    let taps = l.taps(g);
+    let taps = &scratch.taps;
+    // The taps follow from the kernel and the row length alone.
+    assert!(
+        taps.len() == g.kernel * g.kernel && taps[taps.len() - 1] == (g.kernel - 1) * (l.row + 1),
+        "direct convolution: scratch made for another geometry"
+    );
     assert!(
         scratch.padded.len() >= (g.in_channels - 1) * l.plane + taps[taps.len() - 1] + l.grid,
         "direct convolution: padded buffer"
@@ -355,7 +363,7 @@ pub fn forward_image(
         input: scratch.padded.as_ptr(),
         plane: l.plane,
         channels: g.in_channels,
-        taps: &taps,
+        taps,
         weights: weights.data.as_ptr(),
         out_padded: weights.out_padded,
         output,
@@ -409,9 +417,9 @@ pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
 
 /// One line on how the direct kernel blocks its work on this machine: the forward tile of the
 /// chosen instruction set and the weight-gradient image groups (from the L2 size) of a
-/// CIFAR ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 (or 5) channels
-/// × 16 positions; weight-gradient groups of 1 (16 channels at 32×32), 3 (32 channels at
-/// 16×16) images in 256 KiB (half the L2), lane sums kept over chunks of 16`. Groups change only
+/// CIFAR ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 or 5 channels (4
+/// or 2 at the end) × 16 positions; weight-gradient groups of 1 (16 channels at 32×32), 3 (32
+/// channels at 16×16) images in 256 KiB (half the L2), lane sums kept over chunks of 16`. Groups change only
 /// when lane sums are parked, not the sums.
 pub fn describe_blocking(chunk: usize) -> String {
     let Some(isa) = Isa::chosen() else {
