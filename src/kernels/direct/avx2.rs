@@ -17,6 +17,8 @@ use super::{GradientGroup, LANES, Layout, TILE_SUMS, Tile};
 const WIDTH: usize = 8;
 /// Vectors of grid positions per forward tile.
 const VECTORS: usize = 2;
+/// The forward tile, as `bench --cpu` names it.
+pub(super) const FORWARD_TILE: &str = "6 or 5 channels (4 or 2 at the end) × 16 positions";
 
 /// `dst[..src.len()] = src` with vector moves (and scalar ones for the tail).
 ///

@@ -14,6 +14,8 @@ use super::{GradientGroup, LANES, Layout, OUT_BLOCK, TILE_SUMS, Tile};
 const CHANNELS: usize = OUT_BLOCK;
 /// Vectors of grid positions per forward tile, at most.
 const MAX_VECTORS: usize = 3;
+/// The forward tile, as `bench --cpu` names it.
+pub(super) const FORWARD_TILE: &str = "8 channels × 48 positions";
 
 /// `dst[..src.len()] = src` with masked vector moves.
 ///

@@ -223,6 +223,15 @@ impl Layout {
         (g.in_channels - 1) * self.plane + farthest_tap + self.grid
     }
 
+    /// Floats per image of the weight gradient's buffers: `(padded input, gridded output
+    /// gradient)`, the output channels rounded up to a tile's two (the extra grid row stays zero).
+    fn gradient_lens(&self, g: &ConvGeometry) -> (usize, usize) {
+        (
+            self.padded_len(g),
+            g.out_channels.next_multiple_of(2) * self.grid,
+        )
+    }
+
     /// Copies an image `[in, h, w]` into the interiors of its padded planes in `dst` (whose
     /// borders and slack are zero and stay so).
     fn pad(&self, isa: Isa, g: &ConvGeometry, x: &[f32], dst: &mut [f32]) {
@@ -407,28 +416,37 @@ pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
 /// Lane sums of one weight-gradient tile: 2 output channels × 9 taps × [`LANES`].
 const TILE_SUMS: usize = 2 * 9 * LANES;
 
+/// Bytes a weight-gradient group may fill: half the L2 cache (the other half for the tiles'
+/// lane sums and whatever else runs).
+fn gradient_group_bytes() -> usize {
+    cpu::l2_bytes() / 2
+}
+
 /// Images per weight-gradient group: as many padded inputs and gridded output gradients as fit
-/// in half the L2 cache (they are swept once per tile), at least one and at most `chunk`.
+/// in [`gradient_group_bytes`] (they are swept once per tile), at least one and at most `chunk`.
 pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
-    let l = Layout::new(g);
-    let (x_len, dy_len) = (l.padded_len(g), g.out_channels.next_multiple_of(2) * l.grid);
-    (cpu::l2_bytes() / 2 / (4 * (x_len + dy_len))).clamp(1, chunk)
+    let (x_len, dy_len) = Layout::new(g).gradient_lens(g);
+    (gradient_group_bytes() / (4 * (x_len + dy_len))).clamp(1, chunk)
 }
 
 /// One line on how the direct kernel blocks its work on this machine: the forward tile of the
-/// chosen instruction set and the weight-gradient image groups (from the L2 size) of a
-/// CIFAR ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 or 5 channels (4
-/// or 2 at the end) × 16 positions; weight-gradient groups of 1 (16 channels at 32×32), 3 (32
-/// channels at 16×16) images in 256 KiB (half the L2), lane sums kept over chunks of 16`. Groups change only
-/// when lane sums are parked, not the sums.
+/// chosen instruction set and the weight-gradient image groups (from the L2 size) of a CIFAR
+/// ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 or 5 channels (4 or 2
+/// at the end) × 16 positions; weight-gradient groups of 1 (16 channels at 32×32), 3 (32
+/// channels at 16×16) images in 256 KiB (half the L2), lane sums kept over chunks of 16`.
+/// Groups change only when lane sums are parked, not the sums.
 pub fn describe_blocking(chunk: usize) -> String {
     let Some(isa) = Isa::chosen() else {
         return "blocking: no direct kernel (portable path: im2col + GEMM)".into();
     };
+    #[cfg(target_arch = "x86_64")]
     let tile = match isa.0 {
-        Kind::Avx512 => "8 channels × 48 positions",
-        Kind::Avx2 => "6 or 5 channels (4 or 2 at the end) × 16 positions",
+        Kind::Avx512 => avx512::FORWARD_TILE,
+        Kind::Avx2 => avx2::FORWARD_TILE,
     };
+    // No `Isa` exists off x86-64 (`Isa::chosen` returned above).
+    #[cfg(not(target_arch = "x86_64"))]
+    let tile = "";
     let groups: Vec<String> = [(16, 32), (32, 16)]
         .into_iter()
         .map(|(channels, side)| {
@@ -453,7 +471,7 @@ pub fn describe_blocking(chunk: usize) -> String {
          (half the L2), lane sums kept over chunks of {chunk}",
         cpu::kernel_path(),
         groups.join(", "),
-        cpu::l2_bytes() / 2 / 1024
+        gradient_group_bytes() / 1024
     )
 }
 
@@ -515,8 +533,8 @@ fn weight_gradient_in_groups(
         "direct weight gradient: empty groups"
     );
     let l = Layout::new(g);
-    // Output channels rounded up to the tile's two (the extra row of the grid stays zero).
-    let (x_len, dy_len) = (l.padded_len(g), g.out_channels.next_multiple_of(2) * l.grid);
+    let (x_len, dy_len) = l.gradient_lens(g);
+    let taps: [usize; 9] = l.taps(g).try_into().expect("a 3×3 kernel has nine taps");
     let (out, cin) = (g.out_channels, g.in_channels);
     let tiles = out.div_ceil(2) * cin;
     let partials: Vec<Vec<f32>> = x
@@ -547,7 +565,7 @@ fn weight_gradient_in_groups(
                         x_len,
                         dy_len,
                     };
-                    group.accumulate(isa, g, &l, &mut sums);
+                    group.accumulate(isa, g, &l, &taps, &mut sums);
                 }
                 fold_tiles(g, &sums)
             },
@@ -586,8 +604,14 @@ impl GradientGroup<'_> {
     /// Adds this group's terms to the lane sums of every tile: `sums` is
     /// `[out/2 (rounded up), in, 2, 9, LANES]`, tile `(o/2, c)` holding output channels
     /// `o, o + 1` × input channel `c` × the nine taps.
-    fn accumulate(&self, isa: Isa, g: &ConvGeometry, l: &Layout, sums: &mut [f32]) {
-        let taps: [usize; 9] = l.taps(g).try_into().expect("a 3×3 kernel has nine taps");
+    fn accumulate(
+        &self,
+        isa: Isa,
+        g: &ConvGeometry,
+        l: &Layout,
+        taps: &[usize; 9],
+        sums: &mut [f32],
+    ) {
         let (out, cin) = (g.out_channels, g.in_channels);
         assert!(
             self.images > 0
@@ -607,8 +631,8 @@ impl GradientGroup<'_> {
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match isa.0 {
-                    Kind::Avx512 => avx512::gradient_tile(self, c, o, l, &taps, lanes),
-                    Kind::Avx2 => avx2::gradient_tile(self, c, o, l, &taps, lanes),
+                    Kind::Avx512 => avx512::gradient_tile(self, c, o, l, taps, lanes),
+                    Kind::Avx2 => avx2::gradient_tile(self, c, o, l, taps, lanes),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
