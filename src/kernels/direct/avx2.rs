@@ -11,14 +11,15 @@
 
 use std::arch::x86_64::*;
 
-use super::{GradientGroup, LANES, Layout, TILE_SUMS, Tile};
+use super::{AVX2_WIDTH, GradientGroup, LANES, Layout, Positions, TILE_SUMS, Tile};
 
 /// Floats per vector.
-const WIDTH: usize = 8;
+const WIDTH: usize = AVX2_WIDTH;
 /// Vectors of grid positions per forward tile.
 const VECTORS: usize = 2;
 /// The forward tile, as `bench --cpu` names it.
-pub(super) const FORWARD_TILE: &str = "6 or 5 channels (4 or 2 at the end) × 16 positions";
+pub(super) const FORWARD_TILE: &str =
+    "6 or 5 channels (4 or 2 at the end) × 2 vectors of 8 positions in output rows";
 
 /// `dst[..src.len()] = src` with vector moves (and scalar ones for the tail).
 ///
@@ -57,26 +58,36 @@ fn tile_channels(left: usize) -> usize {
     }
 }
 
-/// All register tiles of one image: for each pair of vectors of grid positions (the grid is a
-/// multiple of 16), every tile of output channels ([`tile_channels`]); the input strip stays in
-/// L1 across them.
+/// All register tiles of one image: for each pair of vectors of output positions
+/// ([`Tile::vector`]; an odd last one is paired with itself, its stores written twice), every
+/// tile of output channels ([`tile_channels`]); the input strip stays in L1 across them.
 ///
 /// # Safety
 /// AVX2 and FMA; `tile`'s buffers as [`super::forward_image`] asserts them.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn run_tiles(tile: &Tile) {
-    assert_eq!(tile.grid % (VECTORS * WIDTH), 0, "direct convolution: grid");
-    for x in (0..tile.grid).step_by(VECTORS * WIDTH) {
+    let vectors = tile.vectors(WIDTH);
+    assert!(
+        tile.positions == Positions::Rows || vectors % VECTORS == 0,
+        "direct convolution: the grid is a multiple of 16"
+    );
+    for k in (0..vectors).step_by(VECTORS) {
+        let pair = [
+            tile.vector(k, WIDTH),
+            tile.vector((k + 1).min(vectors - 1), WIDTH),
+        ];
+        let (inputs, outputs) = (pair.map(|p| p.0), pair.map(|p| p.1));
         let mut o = 0;
         while o < tile.out_channels {
             let channels = tile_channels(tile.out_channels - o);
-            // SAFETY: `o + channels ≤ out_padded` (see `tile_channels`), `x + 16 ≤ grid`.
+            // SAFETY: `o + channels ≤ out_padded` (see `tile_channels`); the vectors lie in the
+            // image (`Tile::vector`).
             unsafe {
                 match channels {
-                    6 => forward_tile::<6>(tile, x, o),
-                    5 => forward_tile::<5>(tile, x, o),
-                    4 => forward_tile::<4>(tile, x, o),
-                    _ => forward_tile::<2>(tile, x, o),
+                    6 => forward_tile::<6>(tile, inputs, outputs, o),
+                    5 => forward_tile::<5>(tile, inputs, outputs, o),
+                    4 => forward_tile::<4>(tile, inputs, outputs, o),
+                    _ => forward_tile::<2>(tile, inputs, outputs, o),
                 }
             }
             o += channels;
@@ -84,19 +95,25 @@ pub(super) unsafe fn run_tiles(tile: &Tile) {
     }
 }
 
-/// Grid positions `x .. x + 16` of output channels `o + j`, `j < CH`:
-/// `Σ_{c, t} w[c, t, o + j] · input[c, x + taps[t] ..]`, one FMA per term in `(c, t)` order.
+/// Output channels `o + j`, `j < CH` (those below `out_channels`), at the 8 positions of each of
+/// two vectors, vector `v` starting at `inputs[v]` in the padded input planes and at
+/// `outputs[v]` in the output channels: `Σ_{c, t} w[c, t, o + j] · input[c, inputs[v] +
+/// taps[t] ..]`, one FMA per term in `(c, t)` order.
 ///
 /// # Safety
 /// As [`run_tiles`].
 #[target_feature(enable = "avx2,fma")]
-unsafe fn forward_tile<const CH: usize>(tile: &Tile, x: usize, o: usize) {
+unsafe fn forward_tile<const CH: usize>(
+    tile: &Tile,
+    inputs: [usize; VECTORS],
+    outputs: [usize; VECTORS],
+    o: usize,
+) {
     let mut acc = [[_mm256_setzero_ps(); VECTORS]; CH];
-    // One tap: `src` its inputs, `wt` its weights for channels `o..`.
-    let mut tap = |src: *const f32, wt: *const f32| {
+    // One tap: `src[v]` its inputs for vector `v`, `wt` its weights for channels `o..`.
+    let mut tap = |src: [*const f32; VECTORS], wt: *const f32| {
         // SAFETY (both pointers): within the buffers, per the contract.
-        let xs: [__m256; VECTORS] =
-            std::array::from_fn(|v| unsafe { _mm256_loadu_ps(src.add(v * WIDTH)) });
+        let xs: [__m256; VECTORS] = src.map(|p| unsafe { _mm256_loadu_ps(p) });
         for (j, row) in acc.iter_mut().enumerate() {
             let b = unsafe { _mm256_broadcast_ss(&*wt.add(j)) };
             for (a, xv) in row.iter_mut().zip(&xs) {
@@ -111,26 +128,27 @@ unsafe fn forward_tile<const CH: usize>(tile: &Tile, x: usize, o: usize) {
     let three = taps == 9;
     for c in 0..tile.channels {
         // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
-        let base = unsafe { tile.input.add(c * tile.plane + x) };
+        let base = inputs.map(|i| unsafe { tile.input.add(c * tile.plane + i) });
         let wc = unsafe { tile.weights.add(c * taps * out_padded + o) };
         if three {
             for ki in 0..3 {
-                let row = unsafe { base.add(ki * tile.row) };
+                let row = base.map(|b| unsafe { b.add(ki * tile.row) });
                 for kj in 0..3 {
-                    unsafe { tap(row.add(kj), wc.add((ki * 3 + kj) * out_padded)) };
+                    unsafe { tap(row.map(|r| r.add(kj)), wc.add((ki * 3 + kj) * out_padded)) };
                 }
             }
         } else {
             for (t, &offset) in tile.taps.iter().enumerate() {
-                unsafe { tap(base.add(offset), wc.add(t * out_padded)) };
+                unsafe { tap(base.map(|b| b.add(offset)), wc.add(t * out_padded)) };
             }
         }
     }
-    for (j, row) in acc.iter().enumerate() {
-        for (v, a) in row.iter().enumerate() {
-            // SAFETY: channel `o + j` (at most one past an odd `out_channels`) and positions
-            // `x + 8v .. + 8` lie inside the output grid (`[out_channels (even), grid]`).
-            unsafe { _mm256_storeu_ps(tile.output.add((o + j) * tile.grid + x + v * WIDTH), *a) };
+    let stored = CH.min(tile.out_channels - o);
+    for (j, row) in acc.iter().enumerate().take(stored) {
+        for (a, &out) in row.iter().zip(&outputs) {
+            // SAFETY: channel `o + j < out_channels` and the vector's 8 positions lie inside
+            // the output (`Tile::vector`).
+            unsafe { _mm256_storeu_ps(tile.output.add((o + j) * tile.out_stride + out), *a) };
         }
     }
 }

@@ -76,12 +76,14 @@ impl Isa {
         }
     }
 
-    /// Whether the forward tiles write whole vectors to an output grid that is then copied out
-    /// row by row (AVX2: its masked store, `vmaskmovps`, cost 12 % of the kernel's time on Zen
-    /// 3), rather than storing straight to the output with lane masks (AVX-512's `k` masks
-    /// are cheap).
-    fn grid_output(self) -> bool {
-        self.0 == Kind::Avx2
+    /// How this instruction set's forward tiles lay their vectors on an image of geometry `g`
+    /// (see [`Positions`]).
+    fn positions(self, g: &ConvGeometry) -> Positions {
+        match self.0 {
+            Kind::Avx512 => Positions::Masked,
+            Kind::Avx2 if g.width % AVX2_WIDTH == 0 => Positions::Rows,
+            Kind::Avx2 => Positions::Grid,
+        }
     }
 
     /// Every instruction set this CPU can run (whatever the chosen path), for the tests.
@@ -96,6 +98,27 @@ impl Isa {
         .map(|(isa, _)| isa)
         .collect()
     }
+}
+
+/// Floats per AVX2 vector.
+const AVX2_WIDTH: usize = 8;
+
+/// Where a forward tile's vectors of output positions lie, and where it stores them. Every
+/// output is the same fused multiply-add chain whichever is used (the module's sum order); they
+/// differ only in which positions share a vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Positions {
+    /// Whole rows of vectors (AVX2, width a multiple of 8): vector `k` holds the 8 outputs
+    /// `8k .. 8k + 8` of a channel's plane, all in one output row, stored straight to the
+    /// output. No dropped columns are computed and nothing is copied out.
+    Rows,
+    /// Consecutive grid positions (AVX2, other widths), stored whole to an output grid that is
+    /// then copied out row by row: AVX2's masked store, `vmaskmovps`, cost 12 % of the kernel's
+    /// time on Zen 3.
+    Grid,
+    /// Consecutive grid positions stored straight to the output with lane masks (AVX-512, whose
+    /// `k` masks are cheap).
+    Masked,
 }
 
 /// Whether `g` is a geometry the direct kernel handles (stride 1, odd "same" kernel).
@@ -166,7 +189,7 @@ fn as_slots(floats: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 }
 
 /// Per-thread buffers of the direct kernel: one padded input image, and one image's output on
-/// the grid (for the instruction sets whose tiles store whole vectors, see [`Isa::grid_output`]).
+/// the grid (when the tiles store whole vectors of grid positions, [`Positions::Grid`]).
 pub struct Scratch {
     padded: Vec<f32>,
     out_grid: Vec<f32>,
@@ -180,7 +203,7 @@ impl Scratch {
         Self {
             // Zeroed once: only the interiors are ever written.
             padded: vec![0.0; l.padded_len(g)],
-            out_grid: if isa.grid_output() {
+            out_grid: if isa.positions(g) == Positions::Grid {
                 vec![0.0; out_grid_len(g, &l)]
             } else {
                 Vec::new()
@@ -288,10 +311,13 @@ struct Tile<'a> {
     /// The packed weights ([`PackedWeights`]) and their padded output count.
     weights: *const f32,
     out_padded: usize,
-    /// The image's output, `[out_channels, height, width]`, or (see [`Isa::grid_output`]) the
+    /// The image's output, `[out_channels, height, width]`, or (with [`Positions::Grid`]) the
     /// output grid, `[out_channels (even), grid]`.
     output: *mut f32,
+    /// Floats from one output channel to the next in `output`.
+    out_stride: usize,
     out_channels: usize,
+    positions: Positions,
     height: usize,
     width: usize,
     /// Grid positions per output row (the padded width).
@@ -301,6 +327,28 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
+    /// Vectors of `width` output positions per channel (the last may be partial in a grid).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn vectors(&self, width: usize) -> usize {
+        match self.positions {
+            Positions::Rows => self.height * self.width / width,
+            Positions::Grid | Positions::Masked => self.grid.div_ceil(width),
+        }
+    }
+
+    /// Where vector `k` of `width` output positions lies: `(input, output)`, the offsets of its
+    /// first position in a padded input plane (before the tap's) and in an output channel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn vector(&self, k: usize, width: usize) -> (usize, usize) {
+        match self.positions {
+            Positions::Rows => {
+                let per_row = self.width / width;
+                ((k / per_row) * self.row + (k % per_row) * width, k * width)
+            }
+            Positions::Grid | Positions::Masked => (k * width, k * width),
+        }
+    }
+
     /// The output pixels of grid positions `start .. start + lanes`, one run per output row the
     /// positions touch: `(first lane, end lane, offset)`, lane `i` of the run going to output
     /// element `offset + i` of a channel's plane. Positions in dropped columns or past the last
@@ -358,15 +406,16 @@ pub fn forward_image(
         scratch.padded.len() >= (g.in_channels - 1) * l.plane + taps[taps.len() - 1] + l.grid,
         "direct convolution: padded buffer"
     );
-    let on_grid = isa.grid_output();
+    let positions = isa.positions(g);
+    let on_grid = positions == Positions::Grid;
     assert!(
         !on_grid || scratch.out_grid.len() >= out_grid_len(g, &l),
         "direct convolution: output grid"
     );
-    let output = if on_grid {
-        scratch.out_grid.as_mut_ptr()
+    let (output, out_stride) = if on_grid {
+        (scratch.out_grid.as_mut_ptr(), l.grid)
     } else {
-        y.as_mut_ptr().cast()
+        (y.as_mut_ptr().cast(), g.height * g.width)
     };
     let tile = Tile {
         input: scratch.padded.as_ptr(),
@@ -376,7 +425,9 @@ pub fn forward_image(
         weights: weights.data.as_ptr(),
         out_padded: weights.out_padded,
         output,
+        out_stride,
         out_channels: g.out_channels,
+        positions,
         height: g.height,
         width: g.width,
         row: l.row,
@@ -385,7 +436,8 @@ pub fn forward_image(
     // SAFETY: the CPU has `isa` (see `copy_row`). The tiles read `padded` at most
     // `(in − 1)·plane + farthest_tap + grid` floats in (asserted above) and the packed weights
     // within their asserted length. They write each of `y`'s `out · h · w` elements once
-    // (asserted length) through `Tile::runs`, or the output grid (asserted length).
+    // (asserted length): through `Tile::runs`, as whole vectors in output rows (`Rows`: the
+    // width a multiple of the vector), or to the output grid (asserted length).
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match isa.0 {

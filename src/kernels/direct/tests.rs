@@ -144,7 +144,12 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         geometry(2, 2, 5, 7, 7, 5),  // 5×5
         geometry(1, 4, 4, 1, 1, 1),  // 1×1
         geometry(2, 64, 64, 8, 8, 3),
+        geometry(2, 3, 7, 3, 8, 3), // rows of vectors: an odd count of them, odd channels
     ];
+    // On AVX2 these take both ways of laying out the tile's vectors.
+    let avx2 = Isa(Kind::Avx2);
+    let layouts: Vec<Positions> = geometries.iter().map(|g| avx2.positions(g)).collect();
+    assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Grid));
     for g in geometries {
         let x = values(g.batch * g.in_len(), 1);
         let w = values(g.out_channels * g.patch_len(), 2);
