@@ -322,10 +322,17 @@ fn col2im(g: &ConvGeometry, col: &mut [f32], dx: &mut [f32]) {
     });
 }
 
-/// Images per parallel task: one contiguous run per thread.
+/// Images per parallel task: at most [`TASK_IMAGES`], so that a thread the machine
+/// delays holds back only a few images (the others take over its remaining tasks), and at most
+/// one contiguous run per thread on small batches.
 fn images_per_task(batch: usize) -> usize {
-    batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
+    batch
+        .div_ceil(rayon::current_num_threads().max(1))
+        .clamp(1, TASK_IMAGES)
 }
+
+/// Images per parallel task of the convolutions, at most.
+const TASK_IMAGES: usize = 4;
 
 /// Forward convolution: direct where [`direct::fits`] and the CPU has a direct kernel, else
 /// im2col + GEMM.
