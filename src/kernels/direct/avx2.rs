@@ -1,6 +1,8 @@
 //! The direct kernel's AVX2 tiles (AVX2 + FMA; 8 lanes, 16 registers).
 //! - A forward tile holds 6 or 5 output channels (4 or 2 at the end, see [`tile_channels`]) × 2
-//!   vectors of 8 grid positions: 12 accumulators, 2 input vectors and the broadcast weight.
+//!   vectors of 8 output positions: 12 accumulators, 2 input vectors and the broadcast weight.
+//!   The vectors lie in output rows when the width is a multiple of 8 (ResNet's 32, 16, 8),
+//!   else on the grid ([`super::Positions`]).
 //!   The FMA latency (4 cycles × 2 units on Zen 3) needs at least 8 chains in flight; 4 channels
 //!   × 3 vectors needed 17 registers, and LLVM spilled.
 //! - A weight-gradient tile takes one kernel row at a time: 2 output channels × 3 taps × the 16
@@ -18,8 +20,8 @@ const WIDTH: usize = AVX2_WIDTH;
 /// Vectors of grid positions per forward tile.
 const VECTORS: usize = 2;
 /// The forward tile, as `bench --cpu` names it.
-pub(super) const FORWARD_TILE: &str =
-    "6 or 5 channels (4 or 2 at the end) × 2 vectors of 8 positions in output rows";
+pub(super) const FORWARD_TILE: &str = "6 or 5 channels (4 or 2 at the end) × 2 vectors of 8 \
+     positions (in output rows when the width is a multiple of 8, else on the grid)";
 
 /// `dst[..src.len()] = src` with vector moves (and scalar ones for the tail).
 ///
@@ -68,7 +70,7 @@ fn tile_channels(left: usize) -> usize {
 pub(super) unsafe fn run_tiles(tile: &Tile) {
     let vectors = tile.vectors(WIDTH);
     assert!(
-        tile.positions == Positions::Rows || vectors % VECTORS == 0,
+        tile.positions == Positions::Rows || vectors.is_multiple_of(VECTORS),
         "direct convolution: the grid is a multiple of 16"
     );
     for k in (0..vectors).step_by(VECTORS) {

@@ -10,7 +10,9 @@
 //! The output is computed on the *padded-width grid*: position `g = oh·w′ + ow` with
 //! `w′ = w + k − 1`, so that for every tap `(ki, kj)` the inputs of consecutive grid positions
 //! are consecutive floats of the padded plane, at `g + ki·w′ + kj`. The `k − 1` grid columns
-//! past `w` in each row are computed and dropped.
+//! past `w` in each row are computed and dropped. The AVX2 forward tiles instead take their
+//! vectors within output rows when the width is a multiple of 8 ([`Positions::Rows`]): each
+//! vector's inputs are still consecutive floats, and no column is dropped.
 //!
 //! # One summation order on every machine
 //! Both instruction sets add every output's terms in the same order, so the direct kernels give
@@ -81,7 +83,7 @@ impl Isa {
     fn positions(self, g: &ConvGeometry) -> Positions {
         match self.0 {
             Kind::Avx512 => Positions::Masked,
-            Kind::Avx2 if g.width % AVX2_WIDTH == 0 => Positions::Rows,
+            Kind::Avx2 if g.width.is_multiple_of(AVX2_WIDTH) => Positions::Rows,
             Kind::Avx2 => Positions::Grid,
         }
     }
