@@ -701,6 +701,66 @@ mod tests {
         }
     }
 
+    /// The weight gradient straight from its definition.
+    fn naive_weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let (k, s, p) = (g.kernel, g.stride as isize, g.padding as isize);
+        let mut dw = vec![0.0f64; g.out_channels * g.patch_len()];
+        for n in 0..g.batch {
+            for o in 0..g.out_channels {
+                for c in 0..g.in_channels {
+                    for t in 0..k * k {
+                        let mut sum = 0.0;
+                        for oh in 0..g.out_height() {
+                            for ow in 0..g.out_width() {
+                                let ih = oh as isize * s + (t / k) as isize - p;
+                                let iw = ow as isize * s + (t % k) as isize - p;
+                                if (0..g.height as isize).contains(&ih)
+                                    && (0..g.width as isize).contains(&iw)
+                                {
+                                    let xv = x[((n * g.in_channels + c) * g.height + ih as usize)
+                                        * g.width
+                                        + iw as usize];
+                                    let d = dy[((n * g.out_channels + o) * g.out_height() + oh)
+                                        * g.out_width()
+                                        + ow];
+                                    sum += (xv * d) as f64;
+                                }
+                            }
+                        }
+                        dw[(o * g.in_channels + c) * k * k + t] += sum;
+                    }
+                }
+            }
+        }
+        dw.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// The im2col weight gradient on the shapes it takes in a ResNet (8×8 planes, stride 2)
+    /// and on an unaligned one, past a reduction chunk.
+    #[test]
+    fn im2col_weight_gradient_matches_the_definition() {
+        let g = |batch, in_channels, out_channels, side, stride| ConvGeometry {
+            batch,
+            in_channels,
+            out_channels,
+            height: side,
+            width: side,
+            kernel: 3,
+            stride,
+            padding: 1,
+        };
+        for g in [g(21, 3, 4, 8, 1), g(6, 2, 3, 32, 2), g(19, 2, 3, 7, 2)] {
+            let x = values(g.batch * g.in_len(), 10);
+            let dy = values(g.batch * g.out_len(), 11);
+            let want = naive_weight_gradient(&g, &x, &dy);
+            assert_close(
+                &weight_gradient_im2col(&g, &x, &dy),
+                &want,
+                &format!("{g:?}"),
+            );
+        }
+    }
+
     /// Both weight-gradient implementations agree with each other (and, through
     /// `gradients_are_the_adjoints_of_the_forward_map`, with the forward map).
     #[test]
