@@ -5,9 +5,12 @@
 //!   else on the grid ([`super::Positions`]).
 //!   The FMA latency (4 cycles × 2 units on Zen 3) needs at least 8 chains in flight; 4 channels
 //!   × 3 vectors needed 17 registers, and LLVM spilled.
-//! - A weight-gradient tile takes one kernel row at a time: 2 output channels × 3 taps × the 16
-//!   lane sums as two vectors (12 accumulators); LLVM loads the output gradient per half (2
-//!   vectors) and each input vector once, so nothing spills.
+//! - A weight-gradient tile takes one kernel row and one half of the 16 lane sums at a time:
+//!   4 output channels × 3 taps (12 accumulators, [`gradient_tile_pair`]), the kernel row's 3
+//!   input vectors held while 4 output-gradient vectors stream past: 7 loads per 12 FMAs, in
+//!   exactly 16 registers. Loads, not FMAs, bound this kernel on Zen 3 (two 256-bit loads per
+//!   cycle, and the taps' loads straddle cache lines); 2 channels × 3 taps × both halves
+//!   ([`gradient_tile`], kept for an odd last pair of channels) needs 10 loads per 12 FMAs.
 //!
 //! The sum order is the one [`super`] defines, so these tiles give the AVX-512 tiles' bits.
 
@@ -230,6 +233,59 @@ pub(super) unsafe fn gradient_tile(
         for (k, a) in acc.iter().enumerate() {
             // SAFETY: `slot(k) + 8 ≤ TILE_SUMS`.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(slot(k)), *a) };
+        }
+    }
+}
+
+/// [`gradient_tile`] for two tiles at once, `(o/2, c)` into `lanes[0]` and `(o/2 + 1, c)` into
+/// `lanes[1]` (output channels `o .. o + 4`), one half of the sixteen lanes at a time: per 8
+/// grid positions, 3 input vectors (one per tap of the kernel row) stay in registers while the
+/// 4 output-gradient vectors stream past them, 12 fused multiply-adds for 7 loads (the
+/// two-channel tile loads 10 for its 12), in exactly 16 registers. Each lane still takes its
+/// positions in image-then-position order, so the sums are [`gradient_tile`]'s.
+///
+/// # Safety
+/// As [`gradient_tile`], with output channels `o .. o + 4` inside the gridded gradients.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gradient_tile_pair(
+    group: &GradientGroup,
+    c: usize,
+    o: usize,
+    l: &Layout,
+    taps: &[usize; 9],
+    lanes: [&mut [f32; TILE_SUMS]; 2],
+) {
+    for ki in 0..3 {
+        for h in 0..2 {
+            // Accumulator `j·3 + tt`: output channel `o + j`, tap `3·ki + tt`, half `h`, in
+            // tile `j / 2` at slot `slot(j, tt)`.
+            let slot = |j: usize, tt: usize| ((j % 2) * 9 + ki * 3 + tt) * LANES + h * WIDTH;
+            let mut acc: [__m256; 12] = std::array::from_fn(|k| {
+                let (j, tt) = (k / 3, k % 3);
+                unsafe { _mm256_loadu_ps(lanes[j / 2].as_ptr().add(slot(j, tt))) }
+            });
+            let row_taps = [taps[ki * 3], taps[ki * 3 + 1], taps[ki * 3 + 2]];
+            for i in 0..group.images {
+                // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+                let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
+                let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
+                for v in (h * WIDTH..l.grid).step_by(LANES) {
+                    let xs: [__m256; 3] = std::array::from_fn(|tt| unsafe {
+                        _mm256_loadu_ps(xc.add(row_taps[tt] + v))
+                    });
+                    for j in 0..4 {
+                        let d = unsafe { _mm256_loadu_ps(dyo.add(j * l.grid + v)) };
+                        for (tt, xv) in xs.iter().enumerate() {
+                            acc[j * 3 + tt] = _mm256_fmadd_ps(d, *xv, acc[j * 3 + tt]);
+                        }
+                    }
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                let (j, tt) = (k / 3, k % 3);
+                // SAFETY: `slot(j, tt) + 8 ≤ TILE_SUMS`.
+                unsafe { _mm256_storeu_ps(lanes[j / 2].as_mut_ptr().add(slot(j, tt)), *a) };
+            }
         }
     }
 }

@@ -675,24 +675,45 @@ impl GradientGroup<'_> {
                 && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
             "direct weight gradient: buffer lengths"
         );
-        for (tile, lanes) in sums.chunks_exact_mut(TILE_SUMS).enumerate() {
-            let (o, c) = (tile / cin * 2, tile % cin);
-            let lanes: &mut [f32; TILE_SUMS] = lanes.try_into().expect("TILE_SUMS lane sums");
-            // SAFETY: the CPU has `isa` (see `copy_row`); every read is inside the asserted
-            // buffers: channel `c`'s plane plus the farthest tap plus the grid stays inside
-            // `padded_len`, output channels `o..o + 2` inside the gridded gradients (rounded up
-            // to even).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                match isa.0 {
-                    Kind::Avx512 => avx512::gradient_tile(self, c, o, l, taps, lanes),
-                    Kind::Avx2 => avx2::gradient_tile(self, c, o, l, taps, lanes),
+        // Rows of tiles, `cin` tiles each (output channels `2·row`, `2·row + 1`); AVX2 takes
+        // two rows at once where there are two.
+        let mut rows = sums.chunks_exact_mut(cin * TILE_SUMS).enumerate();
+        while let Some((row, tiles)) = rows.next() {
+            let o = row * 2;
+            let pair = match isa.0 {
+                Kind::Avx2 => rows.next().map(|(_, next)| next),
+                Kind::Avx512 => None,
+            };
+            let mut next = pair.map(|next| next.chunks_exact_mut(TILE_SUMS));
+            for (c, lanes) in tiles.chunks_exact_mut(TILE_SUMS).enumerate() {
+                let lanes: &mut [f32; TILE_SUMS] = lanes.try_into().expect("TILE_SUMS lane sums");
+                let second = next.as_mut().map(|n| {
+                    let lanes: &mut [f32; TILE_SUMS] = n
+                        .next()
+                        .expect("as many tiles in each row")
+                        .try_into()
+                        .expect("TILE_SUMS lane sums");
+                    lanes
+                });
+                // SAFETY: the CPU has `isa` (see `copy_row`); every read is inside the asserted
+                // buffers: channel `c`'s plane plus the farthest tap plus the grid stays inside
+                // `padded_len`, output channels `o..o + 2` (`o..o + 4` for a pair of rows)
+                // inside the gridded gradients (rounded up to even).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    match (isa.0, second) {
+                        (Kind::Avx2, Some(second)) => {
+                            avx2::gradient_tile_pair(self, c, o, l, taps, [lanes, second])
+                        }
+                        (Kind::Avx2, None) => avx2::gradient_tile(self, c, o, l, taps, lanes),
+                        (Kind::Avx512, _) => avx512::gradient_tile(self, c, o, l, taps, lanes),
+                    }
                 }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = (isa, o, c, lanes);
-                unreachable!("an Isa exists only on x86-64");
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (isa, o, c, lanes, second);
+                    unreachable!("an Isa exists only on x86-64");
+                }
             }
         }
     }
