@@ -9,8 +9,9 @@
 //!   and multiplied with the weights as one GEMM per image; the weight gradient is the direct
 //!   product `dW = dY · colᵀ`.
 //!
-//! Forward and input gradient split the batch into one contiguous run of images per thread, each
-//! with its own scratch buffers; the weight gradient sums fixed chunks of images
+//! Forward and input gradient split the batch into tasks of at most four images (so a thread the
+//! machine delays holds back little), with scratch buffers per rayon job; the weight gradient
+//! sums fixed chunks of images
 //! (`REDUCTION_CHUNK`) so its result does not depend on the thread count. burn-flex instead
 //! converts every input to NHWC, flattens the weights on one thread, and computes the weight
 //! gradient as a convolution with the output gradient as its kernel (a 9× larger im2col and a
