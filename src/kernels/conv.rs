@@ -297,9 +297,9 @@ fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32], phases: &mut [f32]) {
     });
 }
 
-/// A task's buffers for the patch matrices of its images, one image at a time: the matrix and,
-/// for strided convolutions, the image split into phase planes. Allocated once per task, not
-/// once per image.
+/// Buffers for the patch matrices of a run of images, one image at a time: the matrix and, for
+/// aligned strided convolutions, the image split into phase planes. Allocated once per rayon
+/// job, not once per image.
 struct Patches {
     col: Vec<f32>,
     phases: Vec<f32>,
@@ -309,7 +309,14 @@ impl Patches {
     fn new(g: &ConvGeometry) -> Self {
         Self {
             col: g.col_buffer(),
-            phases: vec![0.0; if g.stride > 1 { g.in_len() } else { 0 }],
+            phases: vec![
+                0.0;
+                if g.stride > 1 && g.is_aligned() {
+                    g.in_len()
+                } else {
+                    0
+                }
+            ],
         }
     }
 
@@ -351,6 +358,9 @@ fn col2im(g: &ConvGeometry, col: &mut [f32], dx: &mut [f32]) {
     });
 }
 
+/// Images per parallel task of the convolutions, at most.
+const TASK_IMAGES: usize = 4;
+
 /// Images per parallel task: at most [`TASK_IMAGES`], so that a thread the machine
 /// delays holds back only a few images (the others take over its remaining tasks), and at most
 /// one contiguous run per thread on small batches.
@@ -359,9 +369,6 @@ fn images_per_task(batch: usize) -> usize {
         .div_ceil(rayon::current_num_threads().max(1))
         .clamp(1, TASK_IMAGES)
 }
-
-/// Images per parallel task of the convolutions, at most.
-const TASK_IMAGES: usize = 4;
 
 /// Forward convolution: direct where [`direct::fits`] and the CPU has a direct kernel, else
 /// im2col + GEMM.
@@ -579,14 +586,17 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = vec![0.0; g.batch * g.in_len()];
     dx.par_chunks_mut(per * g.in_len())
         .zip(dy.par_chunks(per * g.out_len()))
-        .for_each(|(dxs, dys)| {
-            let mut dcol = vec![0.0; patch * plane];
-            for (dxi, dyi) in dxs.chunks_mut(g.in_len()).zip(dys.chunks(g.out_len())) {
-                // [patch, out] · [out, plane] → [patch, plane]
-                matmul(&mut dcol, w.t(), MatRef::row_major(dyi, out, plane), false);
-                col2im(g, &mut dcol, dxi);
-            }
-        });
+        // One patch-matrix buffer per rayon job, shared by the tasks it runs.
+        .for_each_init(
+            || vec![0.0; patch * plane],
+            |dcol, (dxs, dys)| {
+                for (dxi, dyi) in dxs.chunks_mut(g.in_len()).zip(dys.chunks(g.out_len())) {
+                    // [patch, out] · [out, plane] → [patch, plane]
+                    matmul(dcol, w.t(), MatRef::row_major(dyi, out, plane), false);
+                    col2im(g, dcol, dxi);
+                }
+            },
+        );
     dx
 }
 
@@ -759,7 +769,7 @@ mod tests {
                                     let d = dy[((n * g.out_channels + o) * g.out_height() + oh)
                                         * g.out_width()
                                         + ow];
-                                    sum += (xv * d) as f64;
+                                    sum += xv as f64 * d as f64;
                                 }
                             }
                         }
@@ -771,8 +781,8 @@ mod tests {
         dw.into_iter().map(|v| v as f32).collect()
     }
 
-    /// The im2col weight gradient on the shapes it takes in a ResNet (8×8 planes, stride 2)
-    /// and on an unaligned one, past a reduction chunk.
+    /// The im2col weight gradient on the shapes it takes in a ResNet (8×8 planes at stride 1,
+    /// 32×32 at stride 2) and on an unaligned one (7×7 at stride 2), past a reduction chunk.
     #[test]
     fn im2col_weight_gradient_matches_the_definition() {
         let g = |batch, in_channels, out_channels, side, stride| ConvGeometry {

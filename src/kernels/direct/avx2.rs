@@ -10,7 +10,8 @@
 //!   input vectors held while 4 output-gradient vectors stream past: 7 loads per 12 FMAs, in
 //!   exactly 16 registers. Loads, not FMAs, bound this kernel on Zen 3 (two 256-bit loads per
 //!   cycle, and the taps' loads straddle cache lines); 2 channels × 3 taps × both halves
-//!   ([`gradient_tile`], kept for an odd last pair of channels) needs 10 loads per 12 FMAs.
+//!   ([`gradient_tile`], kept for the last two channels when the pairs of channels are odd in
+//!   number) needs 10 loads per 12 FMAs.
 //!
 //! The sum order is the one [`super`] defines, so these tiles give the AVX-512 tiles' bits.
 
@@ -20,7 +21,7 @@ use super::{AVX2_WIDTH, GradientGroup, LANES, Layout, Positions, TILE_SUMS, Tile
 
 /// Floats per vector.
 const WIDTH: usize = AVX2_WIDTH;
-/// Vectors of grid positions per forward tile.
+/// Vectors of output positions per forward tile.
 const VECTORS: usize = 2;
 /// The forward tile, as `bench --cpu` names it.
 pub(super) const FORWARD_TILE: &str = "6 or 5 channels (4 or 2 at the end) × 2 vectors of 8 \
@@ -28,7 +29,7 @@ pub(super) const FORWARD_TILE: &str = "6 or 5 channels (4 or 2 at the end) × 2 
 
 /// `dst[..src.len()] = src` with vector moves (and scalar ones for the tail), four, two, then
 /// one vector at a time in straight-line code: written as a loop of vector moves, LLVM turned
-/// it into a `memcpy` call, which costs more than these rows of 8–34 floats.
+/// it into a `memcpy` call, which costs more than these rows of 8–32 floats.
 ///
 /// # Safety
 /// AVX2; `dst` valid for `src.len()` writes.
@@ -100,7 +101,7 @@ pub(super) unsafe fn run_tiles(tile: &Tile) {
     let vectors = tile.vectors(WIDTH);
     assert!(
         tile.positions == Positions::Rows || vectors.is_multiple_of(VECTORS),
-        "direct convolution: the grid is a multiple of 16"
+        "direct convolution: the grid is a multiple of 16 (pairs of vectors)"
     );
     for k in (0..vectors).step_by(VECTORS) {
         let pair = [

@@ -81,11 +81,7 @@ impl Isa {
     /// How this instruction set's forward tiles lay their vectors on an image of geometry `g`
     /// (see [`Positions`]).
     fn positions(self, g: &ConvGeometry) -> Positions {
-        match self.0 {
-            Kind::Avx512 => Positions::Masked,
-            Kind::Avx2 if g.width.is_multiple_of(AVX2_WIDTH) => Positions::Rows,
-            Kind::Avx2 => Positions::Grid,
-        }
+        self.0.positions(g)
     }
 
     /// Every instruction set this CPU can run (whatever the chosen path), for the tests.
@@ -99,6 +95,18 @@ impl Isa {
         .filter(|(_, path)| path.supported(features))
         .map(|(isa, _)| isa)
         .collect()
+    }
+}
+
+impl Kind {
+    /// See [`Isa::positions`] (a question about the tiles, not the CPU, so the tests can ask it
+    /// of an instruction set the CPU lacks).
+    fn positions(self, g: &ConvGeometry) -> Positions {
+        match self {
+            Kind::Avx512 => Positions::Masked,
+            Kind::Avx2 if g.width.is_multiple_of(AVX2_WIDTH) => Positions::Rows,
+            Kind::Avx2 => Positions::Grid,
+        }
     }
 }
 
@@ -161,7 +169,7 @@ impl PackedWeights {
 }
 
 /// `dst.copy_from_slice(src)` for one image row, inline with vector moves: rows are 8–32
-/// floats, where a `memcpy` call costs more than the copy (3 % of a training step).
+/// floats, where a `memcpy` call costs more than the copy (3–5 % of a training step).
 fn copy_row(isa: Isa, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     assert_eq!(src.len(), dst.len(), "copy_row: lengths");
     // SAFETY: an `Isa` reaches the kernels only when the CPU has it (`Isa::chosen`,
@@ -190,7 +198,7 @@ fn as_slots(floats: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     unsafe { std::slice::from_raw_parts_mut(floats.as_mut_ptr().cast(), floats.len()) }
 }
 
-/// Per-thread buffers of the direct kernel: one padded input image, and one image's output on
+/// Buffers of the direct kernel for a run of images (one per rayon job): one padded input image, and one image's output on
 /// the grid (when the tiles store whole vectors of grid positions, [`Positions::Grid`]).
 pub struct Scratch {
     padded: Vec<f32>,
@@ -215,8 +223,8 @@ impl Scratch {
     }
 }
 
-/// Floats of an output grid: even channels (a tile may compute one channel past an odd count)
-/// × the grid.
+/// Floats of an output grid: the channels rounded up to even (room for the one channel a tile may
+/// compute past an odd count, though it is never stored) × the grid.
 fn out_grid_len(g: &ConvGeometry, l: &Layout) -> usize {
     g.out_channels.next_multiple_of(2) * l.grid
 }
@@ -329,25 +337,29 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Vectors of `width` output positions per channel (the last may be partial in a grid).
+    /// Vectors of `lanes` output positions per channel (`lanes` divides the grid, and in
+    /// [`Positions::Rows`] the width).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn vectors(&self, width: usize) -> usize {
+    fn vectors(&self, lanes: usize) -> usize {
         match self.positions {
-            Positions::Rows => self.height * self.width / width,
-            Positions::Grid | Positions::Masked => self.grid.div_ceil(width),
+            Positions::Rows => {
+                assert!(self.width.is_multiple_of(lanes), "direct convolution: rows");
+                self.height * self.width / lanes
+            }
+            Positions::Grid | Positions::Masked => self.grid / lanes,
         }
     }
 
-    /// Where vector `k` of `width` output positions lies: `(input, output)`, the offsets of its
+    /// Where vector `k` of `lanes` output positions lies: `(input, output)`, the offsets of its
     /// first position in a padded input plane (before the tap's) and in an output channel.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn vector(&self, k: usize, width: usize) -> (usize, usize) {
+    fn vector(&self, k: usize, lanes: usize) -> (usize, usize) {
         match self.positions {
             Positions::Rows => {
-                let per_row = self.width / width;
-                ((k / per_row) * self.row + (k % per_row) * width, k * width)
+                let per_row = self.width / lanes;
+                ((k / per_row) * self.row + (k % per_row) * lanes, k * lanes)
             }
-            Positions::Grid | Positions::Masked => (k * width, k * width),
+            Positions::Grid | Positions::Masked => (k * lanes, k * lanes),
         }
     }
 
@@ -477,7 +489,8 @@ fn gradient_group_bytes() -> usize {
 }
 
 /// Images per weight-gradient group: as many padded inputs and gridded output gradients as fit
-/// in [`gradient_group_bytes`] (they are swept once per tile), at least one and at most `chunk`.
+/// in [`gradient_group_bytes`] (they are swept several times per tile: once per kernel row, and
+/// on AVX2 once per half of the lanes), at least one and at most `chunk`.
 pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
     let (x_len, dy_len) = Layout::new(g).gradient_lens(g);
     (gradient_group_bytes() / (4 * (x_len + dy_len))).clamp(1, chunk)
@@ -486,8 +499,9 @@ pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
 /// One line on how the direct kernel blocks its work on this machine: the forward tile of the
 /// chosen instruction set and the weight-gradient image groups (from the L2 size) of a CIFAR
 /// ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 or 5 channels (4 or 2
-/// at the end) × 16 positions; weight-gradient groups of 1 (16 channels at 32×32), 3 (32
-/// channels at 16×16) images in 256 KiB (half the L2), lane sums kept over chunks of 16`.
+/// at the end) × 2 vectors of 8 positions (…); weight-gradient groups of 1 (16 channels at
+/// 32×32), 3 (32 channels at 16×16) images in 256 KiB (half the L2), lane sums kept over chunks
+/// of 16`.
 /// Groups change only when lane sums are parked, not the sums.
 pub fn describe_blocking(chunk: usize) -> String {
     let Some(isa) = Isa::chosen() else {

@@ -144,11 +144,14 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         geometry(2, 2, 5, 7, 7, 5),  // 5×5
         geometry(1, 4, 4, 1, 1, 1),  // 1×1
         geometry(2, 64, 64, 8, 8, 3),
-        geometry(2, 3, 7, 3, 8, 3), // rows of vectors: an odd count of them, odd channels
+        // Rows of vectors: an odd count of them, odd channels.
+        geometry(2, 3, 7, 3, 8, 3),
+        geometry(2, 2, 5, 3, 24, 3), // three vectors a row: pairs straddle two rows
+        geometry(2, 2, 3, 4, 8, 5),  // 5×5 in rows (the taps from the table)
+        geometry(1, 1, 1, 1, 8, 1),  // 1×1, one channel, one vector
     ];
     // On AVX2 these take both ways of laying out the tile's vectors.
-    let avx2 = Isa(Kind::Avx2);
-    let layouts: Vec<Positions> = geometries.iter().map(|g| avx2.positions(g)).collect();
+    let layouts: Vec<Positions> = geometries.iter().map(|g| Kind::Avx2.positions(g)).collect();
     assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Grid));
     for g in geometries {
         let x = values(g.batch * g.in_len(), 1);
@@ -157,12 +160,21 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         for isa in tested_isas() {
             let packed = PackedWeights::new(&g, &w);
             let mut scratch = Scratch::new(isa, &g);
-            let mut y = vec![MaybeUninit::new(f32::NAN); g.batch * g.out_len()];
-            for (yi, xi) in y.chunks_mut(g.out_len()).zip(x.chunks(g.in_len())) {
-                forward_image(isa, &g, xi, &packed, &mut scratch, yi);
+            let mut y = Vec::with_capacity(g.batch * g.out_len());
+            for xi in x.chunks(g.in_len()) {
+                // Each image in its own buffer with a guard past its end: a store beyond the
+                // image shows there (in one shared buffer the next image would overwrite it).
+                let guard = 64;
+                let mut yi = vec![MaybeUninit::new(f32::NAN); g.out_len() + guard];
+                forward_image(isa, &g, xi, &packed, &mut scratch, &mut yi[..g.out_len()]);
+                // SAFETY: initialized above (and overwritten by the kernel).
+                let yi: Vec<f32> = yi.iter().map(|v| unsafe { v.assume_init() }).collect();
+                assert!(
+                    yi[g.out_len()..].iter().all(|v| v.is_nan()),
+                    "{isa:?} {g:?}: a store past the image"
+                );
+                y.extend_from_slice(&yi[..g.out_len()]);
             }
-            // SAFETY: initialized above (and overwritten by the kernel).
-            let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
             assert_eq!(bits(&y), want, "{isa:?} {g:?}");
         }
     }
@@ -172,6 +184,7 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
 fn every_instruction_set_gives_the_reference_weight_gradient_bits() {
     let geometries = [
         geometry(3, 3, 5, 16, 16, 3),  // odd output channels
+        geometry(3, 2, 3, 16, 16, 3),  // AVX2: a pair of tiles reading the zero padding channel
         geometry(17, 2, 4, 16, 18, 3), // past a chunk of 16
         geometry(5, 16, 16, 32, 32, 3),
     ];
