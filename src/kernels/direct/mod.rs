@@ -223,10 +223,10 @@ impl Scratch {
     }
 }
 
-/// Floats of an output grid: the channels rounded up to even (room for the one channel a tile may
-/// compute past an odd count, though it is never stored) × the grid.
+/// Floats of an output grid: the output channels × the grid (a tile never stores the channel it
+/// may compute past an odd count).
 fn out_grid_len(g: &ConvGeometry, l: &Layout) -> usize {
-    g.out_channels.next_multiple_of(2) * l.grid
+    g.out_channels * l.grid
 }
 
 /// Sizes of the padded-width layout of one geometry.
@@ -322,7 +322,7 @@ struct Tile<'a> {
     weights: *const f32,
     out_padded: usize,
     /// The image's output, `[out_channels, height, width]`, or (with [`Positions::Grid`]) the
-    /// output grid, `[out_channels (even), grid]`.
+    /// output grid, `[out_channels, grid]`.
     output: *mut f32,
     /// Floats from one output channel to the next in `output`.
     out_stride: usize,
