@@ -14,6 +14,7 @@ use burn_flex::{FlexTensor, Layout};
 use super::batch_norm::{self, NormShape, ReluGate, Stats};
 use super::conv;
 use super::geometry::ConvGeometry;
+use super::shortcut::{self, ShortcutShape};
 
 /// Operations splitaux supplies to burn for its CPU backend.
 #[backend_extension(Flex, Autodiff)]
@@ -66,6 +67,14 @@ pub trait CpuKernels: Backend {
         residual: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The option-A shortcut: every `stride`-th row and column, then `pad` zero channels on
+    /// each side.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, channels, h, w]`
+    /// - output: `[batch, channels + 2·pad, ⌈h/stride⌉, ⌈w/stride⌉]`
+    fn shortcut_nchw(x: FloatTensor<Self>, stride: usize, pad: usize) -> FloatTensor<Self>;
 }
 
 /// `t` in a dense row-major buffer (a copy only if it was a strided view).
@@ -165,7 +174,29 @@ fn stats_tensors(stats: &Stats) -> (FlexTensor, FlexTensor) {
     )
 }
 
+fn shortcut_shape(x: &FlexTensor, stride: usize, pad: usize) -> ShortcutShape {
+    let [batch, channels, height, width] = dims4(x);
+    ShortcutShape {
+        batch,
+        channels,
+        height,
+        width,
+        stride,
+        pad,
+    }
+}
+
+fn shortcut_forward(x: &FlexTensor, stride: usize, pad: usize) -> FlexTensor {
+    let s = shortcut_shape(x, stride, pad);
+    let [c, h, w] = s.out_dims();
+    flex(shortcut::forward(s, values(x)), [s.batch, c, h, w])
+}
+
 impl CpuKernels for Flex {
+    fn shortcut_nchw(x: FlexTensor, stride: usize, pad: usize) -> FlexTensor {
+        shortcut_forward(&dense(x), stride, pad)
+    }
+
     fn conv2d_nchw(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
         conv_forward(&dense(x), &dense(weight), stride, padding)
     }
@@ -247,6 +278,28 @@ impl Backward<Flex, 2> for ConvBackward {
         let dx = dx.map(|dx| flex(dx, x.layout().shape().clone()));
         let dw = dw.map(|dw| flex(dw, weight.layout().shape().clone()));
         register(grads, ops.parents.map(|p| p.map(|node| node.id)), [dx, dw]);
+    }
+}
+
+/// Backward node of [`CpuKernels::shortcut_nchw`]; parent `[x]`, state the shape.
+#[derive(Debug)]
+struct ShortcutBackward;
+
+impl Backward<Flex, 1> for ShortcutBackward {
+    type State = ShortcutShape;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let dx = flex(
+            shortcut::backward(s, values(&dy)),
+            [s.batch, s.channels, s.height, s.width],
+        );
+        register(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [Some(dx)],
+        );
     }
 }
 
@@ -393,6 +446,19 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => prep.finish(g.primitive().clone(), zero),
             OpsKind::UnTracked(prep) => prep.finish(zero),
+        }
+    }
+
+    fn shortcut_nchw(x: AdTensor, stride: usize, pad: usize) -> AdTensor {
+        let xp = dense(x.primitive().clone());
+        let y = shortcut_forward(&xp, stride, pad);
+        match ShortcutBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(shortcut_shape(&xp, stride, pad), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
 

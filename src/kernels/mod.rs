@@ -7,7 +7,8 @@
 //! [`conv2d`] and [`batch_norm`] are what the model calls. They run these kernels when the tensors
 //! live on the flex device and the model asked for [`Kernels::Fused`]; on any other device (wgpu)
 //! or with [`Kernels::Burn`] they run burn's own modules, the reference the tests compare against.
-//! [`inject_gradient`] is how the coupled client continues backpropagation from the server's
+//! [`shortcut`] is the downsampling blocks' option-A shortcut, by its own kernel under the same
+//! conditions. [`inject_gradient`] is how the coupled client continues backpropagation from the server's
 //! gradient at the cut.
 
 mod backend;
@@ -18,13 +19,15 @@ pub mod cpu;
 pub mod direct;
 mod gemm;
 pub mod geometry;
+pub mod shortcut;
 
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::activation::relu;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::ops::PadMode;
+use burn::tensor::{DType, Tensor, s};
 use serde::{Deserialize, Serialize};
 
 pub use backend::CpuKernels;
@@ -109,6 +112,24 @@ pub fn conv2d(kernels: Kernels, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         }
         _ => conv.forward(x),
     }
+}
+
+/// The option-A shortcut of a residual block: every `stride`-th row and column of `x`, then `pad`
+/// zero channels on each side. By the fused kernel when it applies; else burn's `slice` and `pad`.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, h, w]`
+/// - output: `[batch, channels + 2·pad, ⌈h/stride⌉, ⌈w/stride⌉]`
+pub fn shortcut(kernels: Kernels, x: Tensor<4>, stride: usize, pad: usize) -> Tensor<4> {
+    if kernels.fused_for(&x) {
+        return Tensor::from_dispatch(<Dispatch as CpuKernels>::shortcut_nchw(
+            x.into_dispatch(),
+            stride,
+            pad,
+        ));
+    }
+    let sub = x.slice(s![.., .., ..;stride, ..;stride]); // [b, c, ⌈h/s⌉, ⌈w/s⌉]
+    sub.pad([(pad, pad), (0, 0), (0, 0)], PadMode::Constant(0.0)) // [b, c + 2·pad, …]
 }
 
 /// A scalar whose backward pass hands `g` to `h` as its gradient: what the coupled client

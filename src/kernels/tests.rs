@@ -71,6 +71,26 @@ fn convolution_and_its_gradients_equal_burns() {
     }
 }
 
+#[test]
+fn shortcut_and_its_gradient_equal_burns() {
+    for (channels, side, stride, pad) in [(4, 8, 2, 2), (3, 7, 2, 1), (2, 6, 3, 0), (3, 4, 1, 1)] {
+        let x = random([2, channels, side, side]);
+        let out_side = side.div_ceil(stride);
+        let probe = random([2, channels + 2 * pad, out_side, out_side]);
+        let run = |kernels| {
+            let x = x.clone().require_grad();
+            let y = super::shortcut(kernels, x.clone(), stride, pad);
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            (y, x.grad(&grads).expect("input gradient"))
+        };
+        let ((y, dx), (y_ref, dx_ref)) = (run(Kernels::Fused), run(Kernels::Burn));
+        let what = format!("shortcut of {channels} channels, side {side}, stride {stride}");
+        // A copy and a scatter: the same values exactly.
+        assert_eq!(y.to_data(), y_ref.to_data(), "{what}: output");
+        assert_eq!(dx.to_data(), dx_ref.to_data(), "{what}: input gradient");
+    }
+}
+
 /// A BatchNorm with non-trivial affine parameters (the same for every call).
 fn norm(channels: usize) -> BatchNorm {
     let mut bn = BatchNormConfig::new(channels).init(&device());

@@ -5,8 +5,6 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::ops::PadMode;
-use burn::tensor::s;
 use burn::tensor::{Device, Tensor};
 
 use crate::kernels::{self, Kernels};
@@ -156,9 +154,7 @@ impl BasicBlock {
         let shortcut = if self.stride == 1 && self.channel_pad == 0 {
             x
         } else {
-            let sub = x.slice(s![.., .., ..;self.stride, ..;self.stride]); // [b, in, side/2, side/2]
-            let p = self.channel_pad;
-            sub.pad([(p, p), (0, 0), (0, 0)], PadMode::Constant(0.0)) // [b, out, side/2, side/2]
+            kernels::shortcut(k, x, self.stride, self.channel_pad) // [b, out, side/2, side/2]
         };
         kernels::batch_norm(k, &self.bn2, out, Some(shortcut), true) // relu(bn2(out) + shortcut)
     }
