@@ -60,7 +60,12 @@ fn main() {
             std::hint::black_box(conv::forward(&g, &x, &w));
         });
         let bwd = time(5, || {
-            std::hint::black_box(conv::backward(&g, &x, &w, &dy, want_dx, true));
+            let input = if want_dx {
+                conv::InputGradient::Plain
+            } else {
+                conv::InputGradient::Skip
+            };
+            std::hint::black_box(conv::backward(&g, &x, &w, &dy, input, true));
         });
         let flops = 2.0 * (batch * g.out_len() * cin * 9) as f64;
         let bwd_flops = flops * if want_dx { 2.0 } else { 1.0 };

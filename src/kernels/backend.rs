@@ -12,14 +12,17 @@ use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{FlexTensor, Layout};
 
 use super::batch_norm::{self, NormShape, ReluGate, Stats};
-use super::conv;
+use super::conv::{self, InputGradient};
+use super::fork::Fork;
 use super::geometry::ConvGeometry;
 use super::shortcut::{self, ShortcutShape};
 
 /// Operations splitaux supplies to burn for its CPU backend.
 #[backend_extension(Flex, Autodiff)]
 pub trait CpuKernels: Backend {
-    /// Convolution without bias: square kernel, `stride` and `padding` on both axes.
+    /// Convolution without bias: square kernel, `stride` and `padding` on both axes. With a
+    /// `fork` (a residual block's input, see [`Fork`]), it claims the fork and its backward adds
+    /// what the other consumer handed over to its input gradient.
     ///
     /// # Shapes
     /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, k, k]`
@@ -29,6 +32,7 @@ pub trait CpuKernels: Backend {
         weight: FloatTensor<Self>,
         stride: usize,
         padding: usize,
+        fork: Option<Fork>,
     ) -> FloatTensor<Self>;
 
     /// Training-mode BatchNorm with the batch's statistics, then ReLU if `relu`. Returns the
@@ -55,7 +59,8 @@ pub trait CpuKernels: Backend {
     fn inject_gradient(h: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// `relu(batch_norm(x) + residual)`, the end of a residual block; otherwise as
-    /// [`batch_norm_nchw`](CpuKernels::batch_norm_nchw).
+    /// [`batch_norm_nchw`](CpuKernels::batch_norm_nchw). With a `fork` (the residual is the
+    /// block's input, see [`Fork`]), the residual's gradient is handed over to it.
     ///
     /// # Shapes
     /// - `x`, `residual`, output: `[batch, channels, h, w]`
@@ -66,15 +71,22 @@ pub trait CpuKernels: Backend {
         beta: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         epsilon: f64,
+        fork: Option<Fork>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// The option-A shortcut: every `stride`-th row and column, then `pad` zero channels on
-    /// each side.
+    /// each side. With a `fork` (`x` is the block's input, see [`Fork`]), the gradient of `x`
+    /// is handed over to it.
     ///
     /// # Shapes
     /// - `x`: `[batch, channels, h, w]`
     /// - output: `[batch, channels + 2·pad, ⌈h/stride⌉, ⌈w/stride⌉]`
-    fn shortcut_nchw(x: FloatTensor<Self>, stride: usize, pad: usize) -> FloatTensor<Self>;
+    fn shortcut_nchw(
+        x: FloatTensor<Self>,
+        stride: usize,
+        pad: usize,
+        fork: Option<Fork>,
+    ) -> FloatTensor<Self>;
 }
 
 /// `t` in a dense row-major buffer (a copy only if it was a strided view).
@@ -193,11 +205,18 @@ fn shortcut_forward(x: &FlexTensor, stride: usize, pad: usize) -> FlexTensor {
 }
 
 impl CpuKernels for Flex {
-    fn shortcut_nchw(x: FlexTensor, stride: usize, pad: usize) -> FlexTensor {
+    // Without autodiff there is no backward, so nothing to fork.
+    fn shortcut_nchw(x: FlexTensor, stride: usize, pad: usize, _: Option<Fork>) -> FlexTensor {
         shortcut_forward(&dense(x), stride, pad)
     }
 
-    fn conv2d_nchw(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
+    fn conv2d_nchw(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+        _: Option<Fork>,
+    ) -> FlexTensor {
         conv_forward(&dense(x), &dense(weight), stride, padding)
     }
 
@@ -221,6 +240,7 @@ impl CpuKernels for Flex {
         beta: FlexTensor,
         residual: FlexTensor,
         epsilon: f64,
+        _: Option<Fork>,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         norm_plain([x, gamma, beta, residual], true, epsilon)
     }
@@ -261,20 +281,35 @@ fn register<const N: usize>(
     }
 }
 
+/// A gradient for a forked input (see [`Fork`]): handed over when the fork waits for it, else
+/// returned, to be registered with burn.
+fn hand_over(fork: Option<&Fork>, gradient: Vec<f32>) -> Option<Vec<f32>> {
+    match fork {
+        Some(fork) => fork.hand_over(gradient),
+        None => Some(gradient),
+    }
+}
+
 /// Backward node of [`CpuKernels::conv2d_nchw`]; parents `[x, weight]`.
 #[derive(Debug)]
 struct ConvBackward;
 
 impl Backward<Flex, 2> for ConvBackward {
-    /// Dense input, dense weight, stride, padding.
-    type State = (FlexTensor, FlexTensor, usize, usize);
+    /// Dense input, dense weight, stride, padding, and the fork it claimed.
+    type State = (FlexTensor, FlexTensor, usize, usize, Option<Fork>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, weight, stride, padding) = ops.state;
+        let (x, weight, stride, padding, fork) = ops.state;
         let dy = dense(grads.consume::<Flex>(&ops.node));
         let [want_x, want_w] = ops.parents.each_ref().map(Option::is_some);
+        let other = fork.and_then(|fork| fork.collect());
+        let input = match (&other, want_x) {
+            (_, false) => InputGradient::Skip,
+            (Some(other), true) => InputGradient::Plus(other),
+            (None, true) => InputGradient::Plain,
+        };
         let g = geometry(&x, &weight, stride, padding);
-        let (dx, dw) = conv::backward(&g, values(&x), values(&weight), values(&dy), want_x, want_w);
+        let (dx, dw) = conv::backward(&g, values(&x), values(&weight), values(&dy), input, want_w);
         let dx = dx.map(|dx| flex(dx, x.layout().shape().clone()));
         let dw = dw.map(|dw| flex(dw, weight.layout().shape().clone()));
         register(grads, ops.parents.map(|p| p.map(|node| node.id)), [dx, dw]);
@@ -286,20 +321,15 @@ impl Backward<Flex, 2> for ConvBackward {
 struct ShortcutBackward;
 
 impl Backward<Flex, 1> for ShortcutBackward {
-    type State = ShortcutShape;
+    /// The shape, and the fork the gradient is handed over to.
+    type State = (ShortcutShape, Option<Fork>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let s = ops.state;
+        let (s, fork) = ops.state;
         let dy = dense(grads.consume::<Flex>(&ops.node));
-        let dx = flex(
-            shortcut::backward(s, values(&dy)),
-            [s.batch, s.channels, s.height, s.width],
-        );
-        register(
-            grads,
-            ops.parents.map(|p| p.map(|node| node.id)),
-            [Some(dx)],
-        );
+        let dx = hand_over(fork.as_ref(), shortcut::backward(s, values(&dy)))
+            .map(|dx| flex(dx, [s.batch, s.channels, s.height, s.width]));
+        register(grads, ops.parents.map(|p| p.map(|node| node.id)), [dx]);
     }
 }
 
@@ -312,6 +342,8 @@ struct NormState {
     variance: Vec<f32>,
     gate: GateState,
     epsilon: f64,
+    /// Where the residual's gradient is handed over (see [`Fork`]).
+    fork: Option<Fork>,
 }
 
 /// The owned form of [`ReluGate`].
@@ -364,7 +396,9 @@ impl<const N: usize> Backward<Flex, N> for NormBackward<N> {
             Some(flex(g.dx, full.clone())),
             Some(flex(g.dgamma, [c])),
             Some(flex(g.dbeta, [c])),
-            g.d_residual.map(|d| flex(d, full)),
+            g.d_residual
+                .and_then(|d| hand_over(s.fork.as_ref(), d))
+                .map(|d| flex(d, full)),
         ]
         .into_iter();
         let gradients: [Option<FlexTensor>; N] =
@@ -380,6 +414,7 @@ fn norm_autodiff<C: CheckpointStrategy, const N: usize>(
     inputs: [&AdTensor; N],
     relu: bool,
     epsilon: f64,
+    fork: Option<Fork>,
 ) -> (AdTensor, AdTensor, AdTensor) {
     let (x, gamma, beta, residual) = norm_inputs(inputs.map(|t| t.primitive().clone()));
     let (y, stats) = norm_forward(&x, &gamma, &beta, residual.as_ref(), relu, epsilon);
@@ -407,6 +442,8 @@ fn norm_autodiff<C: CheckpointStrategy, const N: usize>(
                 variance: stats.variance,
                 gate,
                 epsilon,
+                // Kept only if a convolution will collect.
+                fork: fork.filter(Fork::is_claimed),
             };
             prep.finish(state, y)
         }
@@ -449,7 +486,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         }
     }
 
-    fn shortcut_nchw(x: AdTensor, stride: usize, pad: usize) -> AdTensor {
+    fn shortcut_nchw(x: AdTensor, stride: usize, pad: usize, fork: Option<Fork>) -> AdTensor {
         let xp = dense(x.primitive().clone());
         let y = shortcut_forward(&xp, stride, pad);
         match ShortcutBackward
@@ -457,12 +494,24 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(shortcut_shape(&xp, stride, pad), y),
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    shortcut_shape(&xp, stride, pad),
+                    fork.filter(Fork::is_claimed),
+                ),
+                y,
+            ),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
 
-    fn conv2d_nchw(x: AdTensor, weight: AdTensor, stride: usize, padding: usize) -> AdTensor {
+    fn conv2d_nchw(
+        x: AdTensor,
+        weight: AdTensor,
+        stride: usize,
+        padding: usize,
+        fork: Option<Fork>,
+    ) -> AdTensor {
         let (xp, wp) = (
             dense(x.primitive().clone()),
             dense(weight.primitive().clone()),
@@ -473,7 +522,12 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((xp, wp, stride, padding), y),
+            OpsKind::Tracked(prep) => {
+                // Its backward computes an input gradient only for a tracked input.
+                let fork = fork.filter(|_| x.is_tracked());
+                fork.iter().for_each(Fork::claim);
+                prep.finish((xp, wp, stride, padding, fork), y)
+            }
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -485,7 +539,7 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         relu: bool,
         epsilon: f64,
     ) -> (AdTensor, AdTensor, AdTensor) {
-        norm_autodiff::<C, 3>([&x, &gamma, &beta], relu, epsilon)
+        norm_autodiff::<C, 3>([&x, &gamma, &beta], relu, epsilon, None)
     }
 
     fn batch_norm_add_relu_nchw(
@@ -494,7 +548,8 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         beta: AdTensor,
         residual: AdTensor,
         epsilon: f64,
+        fork: Option<Fork>,
     ) -> (AdTensor, AdTensor, AdTensor) {
-        norm_autodiff::<C, 4>([&x, &gamma, &beta, &residual], true, epsilon)
+        norm_autodiff::<C, 4>([&x, &gamma, &beta, &residual], true, epsilon, fork)
     }
 }

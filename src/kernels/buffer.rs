@@ -36,3 +36,22 @@ pub unsafe fn filled_pair(
     unsafe { second.set_len(len) };
     (first, second)
 }
+
+/// `slots` set to zero, as initialized floats.
+pub fn zeroed(slots: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    slots.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just written.
+    unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast(), slots.len()) }
+}
+
+/// `slots[i] += plus[i]` on slots a kernel has just filled.
+///
+/// # Safety
+/// Every element of `slots` must have been written.
+pub unsafe fn add_onto(slots: &mut [MaybeUninit<f32>], plus: &[f32]) {
+    assert_eq!(slots.len(), plus.len(), "add_onto: lengths");
+    // SAFETY: initialized, by the caller's contract.
+    let values: &mut [f32] =
+        unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast(), slots.len()) };
+    values.iter_mut().zip(plus).for_each(|(v, p)| *v += p);
+}

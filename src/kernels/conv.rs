@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::buffer::filled;
+use super::buffer::{add_onto, filled, zeroed};
 use super::direct;
 use super::gemm::{MatRef, matmul, matmul_uninit};
 use super::{REDUCTION_CHUNK, sum_in_order};
@@ -378,31 +378,64 @@ fn images_per_task(batch: usize) -> usize {
 /// - `weight`: `[out, in, k, k]`
 /// - returns `[batch, out, out_h, out_w]`
 pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    forward_plus(g, x, weight, None)
+}
+
+/// [`forward`], then `plus` (when given) added to the output image by image, while each image is
+/// in cache: `y = conv(x) + plus`, each element rounded as the separate addition would be.
+///
+/// # Shapes
+/// - as [`forward`]; `plus`: the output's
+fn forward_plus(g: &ConvGeometry, x: &[f32], weight: &[f32], plus: Option<&[f32]>) -> Vec<f32> {
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d: input length");
     assert_eq!(
         weight.len(),
         g.out_channels * g.patch_len(),
         "conv2d: weight length"
     );
+    assert!(
+        plus.is_none_or(|p| p.len() == g.batch * g.out_len()),
+        "conv2d: length of the term added to the output"
+    );
     match direct::Isa::chosen() {
-        Some(isa) if direct::fits(g) => forward_direct(isa, g, x, weight),
-        _ => forward_im2col(g, x, weight),
+        Some(isa) if direct::fits(g) => forward_direct(isa, g, x, weight, plus),
+        _ => forward_im2col(g, x, weight, plus),
     }
 }
 
+/// Image `i`'s run of `len` floats in `plus`, if given.
+fn image_of(plus: Option<&[f32]>, i: usize, len: usize) -> Option<&[f32]> {
+    plus.map(|p| &p[i * len..][..len])
+}
+
 /// [`forward`] by [`direct`] convolution on instruction set `isa`, image by image.
-fn forward_direct(isa: direct::Isa, g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
+fn forward_direct(
+    isa: direct::Isa,
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    plus: Option<&[f32]>,
+) -> Vec<f32> {
     let packed = direct::PackedWeights::new(g, weight);
     let per = images_per_task(g.batch);
     let fill = |y: &mut [MaybeUninit<f32>]| {
         y.par_chunks_mut(per * g.out_len())
             .zip(x.par_chunks(per * g.in_len()))
+            .enumerate()
             // One scratch per rayon job, shared by the tasks it runs (not one per task).
             .for_each_init(
                 || direct::Scratch::new(isa, g),
-                |scratch, (ys, xs)| {
-                    for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
+                |scratch, (task, (ys, xs))| {
+                    for (i, (yi, xi)) in ys
+                        .chunks_mut(g.out_len())
+                        .zip(xs.chunks(g.in_len()))
+                        .enumerate()
+                    {
                         direct::forward_image(isa, g, xi, &packed, scratch, yi);
+                        if let Some(p) = image_of(plus, task * per + i, g.out_len()) {
+                            // SAFETY: `forward_image` wrote all of `yi`.
+                            unsafe { add_onto(yi, p) };
+                        }
                     }
                 },
             )
@@ -412,7 +445,7 @@ fn forward_direct(isa: direct::Isa, g: &ConvGeometry, x: &[f32], weight: &[f32])
 }
 
 /// [`forward`] as im2col + one GEMM per image.
-fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
+fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32], plus: Option<&[f32]>) -> Vec<f32> {
     let (plane, patch) = (g.out_plane(), g.patch_len());
     let w = MatRef::row_major(weight, g.out_channels, patch);
     let per = images_per_task(g.batch);
@@ -422,6 +455,7 @@ fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let fill = |y: &mut [MaybeUninit<f32>]| {
         y.par_chunks_mut(per * g.out_len())
             .zip(x.par_chunks(per * g.in_len()))
+            .enumerate()
             // Buffers per rayon job, shared by the tasks it runs (not allocated per task).
             .for_each_init(
                 || {
@@ -435,8 +469,12 @@ fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
                     ];
                     (Patches::new(g), yt)
                 },
-                |(patches, yt), (ys, xs)| {
-                    for (yi, xi) in ys.chunks_mut(g.out_len()).zip(xs.chunks(g.in_len())) {
+                |(patches, yt), (task, (ys, xs))| {
+                    for (i, (yi, xi)) in ys
+                        .chunks_mut(g.out_len())
+                        .zip(xs.chunks(g.in_len()))
+                        .enumerate()
+                    {
                         let col = patches.fill(g, xi);
                         if transposed {
                             // [plane, patch] · [patch, out] → [plane, out], then → [out, plane]
@@ -445,6 +483,10 @@ fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
                         } else {
                             // [out, patch] · [patch, plane] → [out, plane]
                             matmul_uninit(yi, w, col);
+                        }
+                        if let Some(p) = image_of(plus, task * per + i, g.out_len()) {
+                            // SAFETY: the GEMM or the transpose wrote all of `yi`.
+                            unsafe { add_onto(yi, p) };
                         }
                     }
                 },
@@ -481,18 +523,31 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [MaybeUninit<f32>]
     }
 }
 
-/// Gradients of [`forward`] with respect to its input (when `want_input`) and its weight (when
+/// What [`backward`] computes of the input gradient.
+#[derive(Debug, Clone, Copy)]
+pub enum InputGradient<'a> {
+    /// None (the input is not tracked).
+    Skip,
+    /// `dx`.
+    Plain,
+    /// `dx + other`: `other`, the input's gradient from another consumer (see `kernels::Fork`),
+    /// added image by image while `dx` is in cache.
+    Plus(&'a [f32]),
+}
+
+/// Gradients of [`forward`] with respect to its input (as `input` says) and its weight (when
 /// `want_weight`), given the output gradient `dy`.
 ///
 /// # Shapes
 /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, k, k]`; `dy`: `[batch, out, out_h, out_w]`
+/// - `InputGradient::Plus`'s term: `[batch, in, h, w]`
 /// - returns `(dx: [batch, in, h, w], dw: [out, in, k, k])`
 pub fn backward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
     dy: &[f32],
-    want_input: bool,
+    input: InputGradient<'_>,
     want_weight: bool,
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
     assert_eq!(
@@ -505,7 +560,18 @@ pub fn backward(
         g.batch * g.out_len(),
         "conv2d backward: gradient length"
     );
-    let dx = want_input.then(|| input_gradient(g, weight, dy));
+    let dx = match input {
+        InputGradient::Skip => None,
+        InputGradient::Plain => Some(input_gradient(g, weight, dy, None)),
+        InputGradient::Plus(other) => {
+            assert_eq!(
+                other.len(),
+                g.batch * g.in_len(),
+                "conv2d backward: length of the other input gradient"
+            );
+            Some(input_gradient(g, weight, dy, Some(other)))
+        }
+    };
     let dw = want_weight.then(|| weight_gradient(g, x, dy));
     (dx, dw)
 }
@@ -562,7 +628,7 @@ fn weight_gradient_im2col(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
 /// # Shapes
 /// - `weight`: `[out, in, k, k]`; `dy`: `[batch, out, out_h, out_w]`
 /// - returns `[batch, in, h, w]`
-fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
+fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32], plus: Option<&[f32]>) -> Vec<f32> {
     let (plane, patch, out, k) = (g.out_plane(), g.patch_len(), g.out_channels, g.kernel);
     if g.stride == 1 && g.is_aligned() {
         let mut flipped = vec![0.0; weight.len()]; // [in, out, k, k]
@@ -579,25 +645,37 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
             out_channels: g.in_channels,
             ..*g
         };
-        return forward(&adjoint, dy, &flipped);
+        return forward_plus(&adjoint, dy, &flipped, plus);
     }
     let w = MatRef::row_major(weight, out, patch);
     let per = images_per_task(g.batch);
-    let mut dx = vec![0.0; g.batch * g.in_len()];
-    dx.par_chunks_mut(per * g.in_len())
-        .zip(dy.par_chunks(per * g.out_len()))
-        // One patch-matrix buffer per rayon job, shared by the tasks it runs.
-        .for_each_init(
-            || vec![0.0; patch * plane],
-            |dcol, (dxs, dys)| {
-                for (dxi, dyi) in dxs.chunks_mut(g.in_len()).zip(dys.chunks(g.out_len())) {
-                    // [patch, out] · [out, plane] → [patch, plane]
-                    matmul(dcol, w.t(), MatRef::row_major(dyi, out, plane), false);
-                    col2im(g, dcol, dxi);
-                }
-            },
-        );
-    dx
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        dx.par_chunks_mut(per * g.in_len())
+            .zip(dy.par_chunks(per * g.out_len()))
+            .enumerate()
+            // One patch-matrix buffer per rayon job, shared by the tasks it runs.
+            .for_each_init(
+                || vec![0.0; patch * plane],
+                |dcol, (task, (dxs, dys))| {
+                    // Zeroed here, in parallel: col2im accumulates.
+                    let dxs = zeroed(dxs);
+                    for (i, (dxi, dyi)) in dxs
+                        .chunks_mut(g.in_len())
+                        .zip(dys.chunks(g.out_len()))
+                        .enumerate()
+                    {
+                        // [patch, out] · [out, plane] → [patch, plane]
+                        matmul(dcol, w.t(), MatRef::row_major(dyi, out, plane), false);
+                        col2im(g, dcol, dxi);
+                        if let Some(p) = image_of(plus, task * per + i, g.in_len()) {
+                            dxi.iter_mut().zip(p).for_each(|(d, p)| *d += p);
+                        }
+                    }
+                },
+            )
+    };
+    // SAFETY: every task zeroes its whole run of images (`zeroed`).
+    unsafe { filled(g.batch * g.in_len(), fill) }
 }
 
 #[cfg(test)]
@@ -681,12 +759,15 @@ mod tests {
     /// Each way [`forward`] can run: im2col + GEMM and, where `g` allows it, direct on every
     /// instruction set this CPU has.
     fn forward_paths(g: &ConvGeometry) -> Vec<(String, Kernel)> {
-        let mut paths: Vec<(String, Kernel)> = vec![("im2col".into(), Box::new(forward_im2col))];
+        let mut paths: Vec<(String, Kernel)> = vec![(
+            "im2col".into(),
+            Box::new(|g, x, w| forward_im2col(g, x, w, None)),
+        )];
         if direct::handles(g) {
             for isa in direct::Isa::available() {
                 paths.push((
                     format!("direct {isa:?}"),
-                    Box::new(move |g, x, w| forward_direct(isa, g, x, w)),
+                    Box::new(move |g, x, w| forward_direct(isa, g, x, w, None)),
                 ));
             }
         }
@@ -863,7 +944,7 @@ mod tests {
             let x = values(g.batch * g.in_len(), 3);
             let w = values(g.out_channels * g.patch_len(), 4);
             let dy = values(g.batch * g.out_len(), 5);
-            let (dx, dw) = backward(&g, &x, &w, &dy, true, true);
+            let (dx, dw) = backward(&g, &x, &w, &dy, InputGradient::Plain, true);
             let (dx, dw) = (dx.unwrap(), dw.unwrap());
             let (delta_x, delta_w) = (values(x.len(), 6), values(w.len(), 7));
             let along_x = dot(&dy, &naive_forward(&g, &delta_x, &w));
@@ -878,9 +959,15 @@ mod tests {
                 "dw {g:?}"
             );
 
-            let (only_dx, none) = backward(&g, &x, &w, &dy, true, false);
+            let (only_dx, none) = backward(&g, &x, &w, &dy, InputGradient::Plain, false);
             assert_eq!(only_dx.unwrap(), dx);
             assert!(none.is_none());
+
+            // Another consumer's gradient, added: the same bits as adding it afterwards.
+            let other = values(dx.len(), 8);
+            let (plus, _) = backward(&g, &x, &w, &dy, InputGradient::Plus(&other), false);
+            let want: Vec<f32> = dx.iter().zip(&other).map(|(d, o)| d + o).collect();
+            assert_eq!(plus.unwrap(), want, "dx + other {g:?}");
         }
     }
 }

@@ -8,7 +8,8 @@
 //! live on the flex device and the model asked for [`Kernels::Fused`]; on any other device (wgpu)
 //! or with [`Kernels::Burn`] they run burn's own modules, the reference the tests compare against.
 //! [`shortcut`] is the downsampling blocks' option-A shortcut, by its own kernel under the same
-//! conditions. [`inject_gradient`] is how the coupled client continues backpropagation from the server's
+//! conditions. A residual block's input feeds two of these ops; a [`Fork`] lets the kernels add
+//! its two gradients themselves ([`conv2d_forked`]). [`inject_gradient`] is how the coupled client continues backpropagation from the server's
 //! gradient at the cut.
 
 mod backend;
@@ -17,6 +18,7 @@ mod buffer;
 pub mod conv;
 pub mod cpu;
 pub mod direct;
+mod fork;
 mod gemm;
 pub mod geometry;
 pub mod shortcut;
@@ -31,6 +33,7 @@ use burn::tensor::{DType, Tensor, s};
 use serde::{Deserialize, Serialize};
 
 pub use backend::CpuKernels;
+pub use fork::Fork;
 
 /// Images per partial sum in the batch reductions (weight gradients, BatchNorm sums). Fixed
 /// rather than one run per thread, so the partial sums, and the order they are added in, do not
@@ -101,6 +104,20 @@ fn fusable(conv: &Conv2d) -> Option<(usize, usize)> {
 /// - `x`: `[batch, in, h, w]`
 /// - output: `[batch, out, h', w']`
 pub fn conv2d(kernels: Kernels, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv2d_with(kernels, conv, x, None)
+}
+
+/// [`conv2d`] on a residual block's input, which also feeds the block's shortcut: the fused
+/// kernel claims `fork`, and its backward adds the gradient the shortcut side hands over (see
+/// [`Fork`]) to its own input gradient.
+///
+/// # Shapes
+/// - as [`conv2d`]
+pub fn conv2d_forked(kernels: Kernels, conv: &Conv2d, x: Tensor<4>, fork: &Fork) -> Tensor<4> {
+    conv2d_with(kernels, conv, x, Some(fork))
+}
+
+fn conv2d_with(kernels: Kernels, conv: &Conv2d, x: Tensor<4>, fork: Option<&Fork>) -> Tensor<4> {
     match fusable(conv) {
         Some((stride, padding)) if kernels.fused_for(&x) => {
             Tensor::from_dispatch(<Dispatch as CpuKernels>::conv2d_nchw(
@@ -108,6 +125,7 @@ pub fn conv2d(kernels: Kernels, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
                 conv.weight.val().into_dispatch(),
                 stride,
                 padding,
+                fork.cloned(),
             ))
         }
         _ => conv.forward(x),
@@ -115,17 +133,25 @@ pub fn conv2d(kernels: Kernels, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// The option-A shortcut of a residual block: every `stride`-th row and column of `x`, then `pad`
-/// zero channels on each side. By the fused kernel when it applies; else burn's `slice` and `pad`.
+/// zero channels on each side. By the fused kernel when it applies (handing the gradient of `x`
+/// to `fork`, if given and claimed); else burn's `slice` and `pad`.
 ///
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]`
 /// - output: `[batch, channels + 2·pad, ⌈h/stride⌉, ⌈w/stride⌉]`
-pub fn shortcut(kernels: Kernels, x: Tensor<4>, stride: usize, pad: usize) -> Tensor<4> {
+pub fn shortcut(
+    kernels: Kernels,
+    x: Tensor<4>,
+    stride: usize,
+    pad: usize,
+    fork: Option<&Fork>,
+) -> Tensor<4> {
     if kernels.fused_for(&x) {
         return Tensor::from_dispatch(<Dispatch as CpuKernels>::shortcut_nchw(
             x.into_dispatch(),
             stride,
             pad,
+            fork.cloned(),
         ));
     }
     let sub = x.slice(s![.., .., ..;stride, ..;stride]); // [b, c, ⌈h/s⌉, ⌈w/s⌉]
@@ -168,6 +194,33 @@ pub fn batch_norm(
     residual: Option<Tensor<4>>,
     relu_after: bool,
 ) -> Tensor<4> {
+    batch_norm_with(kernels, bn, x, residual, relu_after, None)
+}
+
+/// `relu(bn.forward(x) + residual)`, the end of a residual block, as [`batch_norm`]. With a
+/// `fork` (the residual is the block's input itself, an identity shortcut), the fused kernel
+/// hands the residual's gradient to it (see [`Fork`]).
+///
+/// # Shapes
+/// - `x`, `residual`, output: `[batch, channels, h, w]`
+pub fn batch_norm_add_relu(
+    kernels: Kernels,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Tensor<4>,
+    fork: Option<&Fork>,
+) -> Tensor<4> {
+    batch_norm_with(kernels, bn, x, Some(residual), true, fork)
+}
+
+fn batch_norm_with(
+    kernels: Kernels,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu_after: bool,
+    fork: Option<&Fork>,
+) -> Tensor<4> {
     let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !(training && kernels.fused_for(&x)) {
         let y = bn.forward(x);
@@ -190,6 +243,7 @@ pub fn batch_norm(
             beta,
             r.into_dispatch(),
             bn.epsilon,
+            fork.cloned(),
         ),
         Some(r) => {
             // Not a ResNet pattern: add after the fused normalization.

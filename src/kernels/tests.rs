@@ -79,7 +79,7 @@ fn shortcut_and_its_gradient_equal_burns() {
         let probe = random([2, channels + 2 * pad, out_side, out_side]);
         let run = |kernels| {
             let x = x.clone().require_grad();
-            let y = super::shortcut(kernels, x.clone(), stride, pad);
+            let y = super::shortcut(kernels, x.clone(), stride, pad, None);
             let grads = (y.clone() * probe.clone()).sum().backward();
             (y, x.grad(&grads).expect("input gradient"))
         };
@@ -208,7 +208,7 @@ fn reductions_do_not_depend_on_the_thread_count() {
             .build()
             .unwrap();
         pool.install(|| {
-            let (_, dw) = conv::backward(&g, &x, &w, &dy, false, true);
+            let (_, dw) = conv::backward(&g, &x, &w, &dy, conv::InputGradient::Skip, true);
             let (y, stats) = bn::forward(s, &dy, &gamma, &beta, None, true, 1e-5);
             let gate = ReluGate::Output(&y);
             let grads = bn::backward(s, &dy, &upstream, gate, &gamma, &stats, false, 1e-5);

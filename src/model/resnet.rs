@@ -7,7 +7,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 
-use crate::kernels::{self, Kernels};
+use crate::kernels::{self, Fork, Kernels};
 
 /// Channels of the three stages.
 pub const STAGE_WIDTHS: [usize; 3] = [16, 32, 64];
@@ -148,15 +148,19 @@ impl BasicBlock {
     /// - output: `[batch, out, side / stride, side / stride]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let k = self.kernels;
-        let out = kernels::conv2d(k, &self.conv1, x.clone());
+        // `x` feeds conv1 and the shortcut: the kernels add its two gradients themselves.
+        let fork = Fork::new();
+        let out = kernels::conv2d_forked(k, &self.conv1, x.clone(), &fork);
         let out = kernels::batch_norm(k, &self.bn1, out, None, true);
         let out = kernels::conv2d(k, &self.conv2, out);
-        let shortcut = if self.stride == 1 && self.channel_pad == 0 {
-            x
+        // relu(bn2(out) + shortcut)
+        if self.stride == 1 && self.channel_pad == 0 {
+            kernels::batch_norm_add_relu(k, &self.bn2, out, x, Some(&fork))
         } else {
-            kernels::shortcut(k, x, self.stride, self.channel_pad) // [b, out, side/2, side/2]
-        };
-        kernels::batch_norm(k, &self.bn2, out, Some(shortcut), true) // relu(bn2(out) + shortcut)
+            let p = self.channel_pad;
+            let shortcut = kernels::shortcut(k, x, self.stride, p, Some(&fork)); // [b, out, side/2, side/2]
+            kernels::batch_norm_add_relu(k, &self.bn2, out, shortcut, None)
+        }
     }
 }
 
@@ -202,5 +206,81 @@ mod tests {
         );
         let x = Tensor::<4>::ones([2, 16, 8, 8], &device);
         assert_eq!(block.forward(x).dims(), [2, 32, 4, 4]);
+    }
+
+    /// The fused kernels against burn's modules on a stem and identity and downsampling blocks,
+    /// every gradient included: each block input's two gradients (conv1's and the shortcut's)
+    /// meet through a `Fork` in the fused run and in burn's autodiff in the other, so a gradient
+    /// lost or counted twice shows. With the input tracked (a client's first block) and not (a
+    /// server's, on detached activations).
+    #[test]
+    fn fused_blocks_give_burns_values_and_gradients() {
+        use burn::tensor::Distribution;
+
+        let device = Device::flex().autodiff();
+        let spec = |in_channels, out_channels, stride| BlockSpec {
+            in_channels,
+            out_channels,
+            stride,
+        };
+        let stem = Stem::init(Kernels::Fused, &device);
+        let blocks: Vec<BasicBlock> = [spec(16, 16, 1), spec(16, 32, 2), spec(32, 32, 1)]
+            .into_iter()
+            .map(|s| BasicBlock::init(s, Kernels::Fused, &device))
+            .collect();
+        let x = Tensor::<4>::random([3, 3, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let probe = Tensor::<4>::random([3, 32, 4, 4], Distribution::Normal(0.0, 1.0), &device);
+
+        let run = |kernels, tracked: bool| {
+            let stem = Stem {
+                kernels,
+                ..stem.clone()
+            };
+            let x = if tracked {
+                x.clone().require_grad()
+            } else {
+                x.clone()
+            };
+            let mut h = stem.forward(x.clone());
+            for block in &blocks {
+                h = BasicBlock {
+                    kernels,
+                    ..block.clone()
+                }
+                .forward(h);
+            }
+            let grads = (h.clone() * probe.clone()).sum().backward();
+            let mut found = vec![("output".to_string(), h.inner())];
+            if tracked {
+                found.push(("input gradient".into(), x.grad(&grads).expect("dx")));
+            }
+            for (i, block) in blocks.iter().enumerate() {
+                for (name, weight) in [("conv1", &block.conv1), ("conv2", &block.conv2)] {
+                    let dw = weight.weight.grad(&grads).expect("weight gradient");
+                    found.push((format!("block {i} {name}"), dw.reshape([-1, 1, 1, 1])));
+                }
+                for (name, bn) in [("bn1", &block.bn1), ("bn2", &block.bn2)] {
+                    let dgamma = bn.gamma.grad(&grads).expect("gamma gradient");
+                    found.push((format!("block {i} {name} γ"), dgamma.reshape([-1, 1, 1, 1])));
+                }
+            }
+            found
+        };
+        for tracked in [true, false] {
+            for ((what, fused), (_, reference)) in run(Kernels::Fused, tracked)
+                .into_iter()
+                .zip(run(Kernels::Burn, tracked))
+            {
+                let (a, b) = (fused.into_data(), reference.into_data());
+                let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+                assert_eq!(a.len(), b.len(), "{what}");
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 1e-3, "{what} (input tracked: {tracked}): {worst}");
+            }
+        }
     }
 }

@@ -111,16 +111,35 @@ impl Message {
         let data = if dtype == DType::F32 {
             // Straight into an `f32` buffer: one copy. (`from_bytes_vec` would copy the bytes
             // twice, the second time to align them for `f32`.)
-            let values: Vec<f32> = payload
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            TensorData::new(values, dims)
+            TensorData::new(f32s_from_le_bytes(payload), dims)
         } else {
             TensorData::from_bytes_vec(payload.to_vec(), dims, dtype)
         };
         Ok(Self { kind, data })
     }
+}
+
+/// Little-endian `f32`s from `bytes` (a multiple of 4 long). On a little-endian machine that is
+/// one `memcpy` into an `f32` buffer (a 4 MiB cut tensor: 0.4 ms, where converting float by float
+/// took about 1 % of a training step).
+fn f32s_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    let n = bytes.len() / 4;
+    let mut values = Vec::<f32>::with_capacity(n);
+    if cfg!(target_endian = "little") {
+        // SAFETY: `values` has room for `n` floats, `4·n` bytes, all read from `bytes`; every bit
+        // pattern is a valid `f32`, and on a little-endian machine it is the wire's.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), values.as_mut_ptr().cast::<u8>(), 4 * n);
+            values.set_len(n);
+        }
+    } else {
+        values.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    values
 }
 
 impl Message {
