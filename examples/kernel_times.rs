@@ -1,5 +1,6 @@
 //! Times splitaux's CPU kernels on the layer shapes of a CIFAR ResNet-20 training step
-//! (batch 128 by default): convolution forward and backward, BatchNorm forward and backward.
+//! (batch 128 by default): convolution forward and backward (and, of the backward, the weight
+//! gradient alone), BatchNorm forward and backward.
 //! Where a step's time goes, op by op, without the autodiff and model around it.
 //!
 //! `cargo run --release --example kernel_times -- [batch] [threads]`
@@ -40,7 +41,7 @@ fn main() {
         (64, 64, 8, 1, 5),
     ];
     let mut totals = [0.0f64; 4];
-    println!("layer                     fwd ms   bwd ms   GF/s fwd  GF/s bwd");
+    println!("layer                     fwd ms   bwd ms   GF/s fwd  GF/s bwd   dw ms  GF/s dw");
     for (cin, cout, side, stride, count) in convs {
         let g = ConvGeometry {
             batch,
@@ -67,14 +68,26 @@ fn main() {
             };
             std::hint::black_box(conv::backward(&g, &x, &w, &dy, input, true));
         });
+        let dw = time(5, || {
+            std::hint::black_box(conv::backward(
+                &g,
+                &x,
+                &w,
+                &dy,
+                conv::InputGradient::Skip,
+                true,
+            ));
+        });
         let flops = 2.0 * (batch * g.out_len() * cin * 9) as f64;
         let bwd_flops = flops * if want_dx { 2.0 } else { 1.0 };
         println!(
-            "conv {cin:>2}->{cout:<2} {side:>2}px s{stride} x{count}   {:>7.2}  {:>7.2}  {:>8.1}  {:>8.1}",
+            "conv {cin:>2}->{cout:<2} {side:>2}px s{stride} x{count}   {:>7.2}  {:>7.2}  {:>8.1}  {:>8.1}  {:>6.2}  {:>7.1}",
             fwd * 1e3,
             bwd * 1e3,
             flops / fwd / 1e9,
-            bwd_flops / bwd / 1e9
+            bwd_flops / bwd / 1e9,
+            dw * 1e3,
+            flops / dw / 1e9
         );
         totals[0] += fwd * count as f64;
         totals[1] += bwd * count as f64;

@@ -3,6 +3,9 @@
 //! (statistics per channel, then the affine map per image); backward is two passes (two sums per
 //! channel, then the input gradient per image). burn's generic formulation instead transposes the
 //! input to reduce it and runs about a dozen element-wise tensor ops, each with its own buffer.
+//!
+//! Each pass works one run (one image's plane of one channel) at a time, in a leaf function
+//! compiled for AVX2 where the CPU has it ([`avx2_or_baseline!`]; the same bits either way).
 
 use std::mem::MaybeUninit;
 
@@ -10,6 +13,7 @@ use rayon::prelude::*;
 
 use super::REDUCTION_CHUNK;
 use super::buffer::{filled, filled_pair};
+use super::vectorize::{Lanes8, avx2_or_baseline};
 
 /// Layout of a BatchNorm input `[batch, channels, plane]` (plane = h·w).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,22 +37,18 @@ impl NormShape {
         self.channels * self.plane
     }
 
-    /// Per-channel `(Σ a, Σ b)` where `run(n, c, scratch)` gives the two sums over image `n`,
-    /// channel `c` (with a `plane`-long scratch buffer of its task). Chunks of whole images are
-    /// summed in parallel (streaming through memory) and added in a fixed order.
-    fn channel_sums(
-        &self,
-        run: impl Fn(usize, usize, &mut Vec<f32>) -> (f64, f64) + Sync,
-    ) -> Vec<(f64, f64)> {
+    /// Per-channel `(Σ a, Σ b)` where `run(n, c)` gives the two sums over image `n`, channel
+    /// `c`. Chunks of whole images are summed in parallel (streaming through memory) and added
+    /// in a fixed order.
+    fn channel_sums(&self, run: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
         let per = REDUCTION_CHUNK;
         let partials: Vec<Vec<(f64, f64)>> = (0..self.batch.div_ceil(per))
             .into_par_iter()
             .map(|task| {
                 let mut sums = vec![(0.0, 0.0); self.channels];
-                let mut scratch = Vec::with_capacity(self.plane);
                 for n in task * per..((task + 1) * per).min(self.batch) {
                     for (c, sum) in sums.iter_mut().enumerate() {
-                        let (a, b) = run(n, c, &mut scratch);
+                        let (a, b) = run(n, c);
                         sum.0 += a;
                         sum.1 += b;
                     }
@@ -83,37 +83,48 @@ pub struct Stats {
 /// the compiler can vectorize them (a single running float sum cannot be reordered).
 const LANES: usize = 8;
 
-/// `(Σ fa(i), Σ fb(i))` over `i in 0..len`, in `LANES` partial sums, accumulated in f64 at the end.
+/// `(Σ f(xᵢ, dᵢ, yᵢ).0, Σ f(xᵢ, dᵢ, yᵢ).1)` over `i` (equal lengths; pass any of them again for
+/// an input `f` ignores): `LANES` partial sums, element `i` in lane `i mod LANES` (the tail past
+/// the last full group in lane 0), added in f64 at the end.
 #[inline(always)]
-fn sum2(len: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
-    let (mut a, mut b) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let body = len / LANES * LANES;
-    for i in (0..body).step_by(LANES) {
-        for l in 0..LANES {
-            let (fa, fb) = f(i + l);
-            a[l] += fa;
-            b[l] += fb;
-        }
+fn lane_sums<V: Lanes8>([x, d, y]: [&[f32]; 3], f: impl Fn(V, V, V) -> (V, V)) -> (f64, f64) {
+    let len = x.len();
+    assert!(d.len() == len && y.len() == len, "lane sums: input lengths");
+    fn groups<V: Lanes8>(v: &[f32]) -> impl Iterator<Item = V> + '_ {
+        v.as_chunks::<LANES>().0.iter().map(V::load)
     }
-    for i in body..len {
-        let (fa, fb) = f(i);
-        a[0] += fa;
-        b[0] += fb;
+    let (mut a, mut b) = (V::splat(0.0), V::splat(0.0));
+    for ((xv, dv), yv) in groups(x).zip(groups(d)).zip(groups(y)) {
+        let (fa, fb) = f(xv, dv, yv);
+        a = a.add(fa);
+        b = b.add(fb);
+    }
+    let (mut a, mut b) = (a.to_array(), b.to_array());
+    for i in len / LANES * LANES..len {
+        // The tail, element by element in lane 0 of all-equal lanes.
+        let (fa, fb) = f(V::splat(x[i]), V::splat(d[i]), V::splat(y[i]));
+        a[0] += fa.to_array()[0];
+        b[0] += fb.to_array()[0];
     }
     let total = |v: [f32; LANES]| v.iter().map(|&x| x as f64).sum::<f64>();
     (total(a), total(b))
 }
 
+avx2_or_baseline! {
+    /// `(Σ (v − shift), Σ (v − shift)²)` over one run.
+    fn shifted_sums(run: &[f32], shift: f32) -> (f64, f64) {
+        let shift = V::splat(shift);
+        lane_sums([run, run, run], |v: V, _, _| {
+            let d = v.sub(shift);
+            (d, d.mul(d))
+        })
+    }
+}
+
 fn statistics(s: NormShape, x: &[f32]) -> Stats {
     // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
     let shift: Vec<f32> = (0..s.channels).map(|c| x[c * s.plane]).collect();
-    let sums = s.channel_sums(|n, c, _| {
-        let run = s.run(x, n, c);
-        sum2(run.len(), |i| {
-            let d = run[i] - shift[c];
-            (d, d * d)
-        })
-    });
+    let sums = s.channel_sums(|n, c| shifted_sums(s.run(x, n, c), shift[c]));
     let (mean, variance) = sums
         .iter()
         .zip(&shift)
@@ -153,36 +164,137 @@ pub enum ReluGate<'a> {
     Affine { scale: &'a [f32], shift: &'a [f32] },
 }
 
-impl ReluGate<'_> {
-    /// Run `(n, c)` of `dy` with the ReLU applied: `dy` where the gate is open, 0 elsewhere.
-    /// Borrowed as is without a ReLU; written into `scratch` otherwise.
-    #[inline]
-    fn apply<'b>(
-        &self,
-        s: NormShape,
-        x: &[f32],
-        dy: &'b [f32],
-        (n, c): (usize, usize),
-        scratch: &'b mut Vec<f32>,
-    ) -> &'b [f32] {
-        let g = s.run(dy, n, c);
-        scratch.resize(g.len(), 0.0);
-        let out = &mut scratch[..g.len()];
+impl<'a> ReluGate<'a> {
+    /// The gate of run `(n, c)`.
+    fn run(&self, s: NormShape, n: usize, c: usize) -> RunGate<'a> {
         match *self {
-            ReluGate::Open => return g,
-            ReluGate::Output(y) => {
-                for ((o, &g), &y) in out.iter_mut().zip(g).zip(s.run(y, n, c)) {
-                    *o = if y > 0.0 { g } else { 0.0 };
+            ReluGate::Open => RunGate::Open,
+            ReluGate::Output(y) => RunGate::Output(s.run(y, n, c)),
+            ReluGate::Affine { scale, shift } => RunGate::Affine(scale[c], shift[c]),
+        }
+    }
+}
+
+/// [`ReluGate`] on one run (one image's plane of one channel).
+#[derive(Debug, Clone, Copy)]
+enum RunGate<'a> {
+    Open,
+    /// The run's forward outputs.
+    Output(&'a [f32]),
+    /// The channel's `(scale, shift)`.
+    Affine(f32, f32),
+}
+
+/// `d` where `open`, else 0: the output gradient through the ReLU, element by element (the
+/// reductions use [`Lanes8::where_positive`]). A bit mask rather than `if`, so that LLVM has no
+/// branch to keep per element (which mispredicts on real activations).
+#[inline(always)]
+fn pass(open: bool, d: f32) -> f32 {
+    f32::from_bits(d.to_bits() & u32::from(open).wrapping_neg())
+}
+
+avx2_or_baseline! {
+    /// `(Σ g, Σ g·(x − mean))` over one run, `g` the gated output gradient.
+    fn gated_sums(x: &[f32], dy: &[f32], gate: RunGate<'_>, mean: f32) -> (f64, f64) {
+        // One loop per gate, so that no loop tests the gate's kind per element.
+        let mean = V::splat(mean);
+        match gate {
+            RunGate::Open => lane_sums([x, dy, dy], |x: V, d, _| (d, d.mul(x.sub(mean)))),
+            RunGate::Output(y) => lane_sums([x, dy, y], |x: V, d, y| {
+                let g = d.where_positive(y);
+                (g, g.mul(x.sub(mean)))
+            }),
+            RunGate::Affine(a, b) => {
+                let (a, b) = (V::splat(a), V::splat(b));
+                lane_sums([x, dy, dy], |x: V, d, _| {
+                    let g = d.where_positive(x.mul(a).add(b));
+                    (g, g.mul(x.sub(mean)))
+                })
+            }
+        }
+    }
+}
+
+avx2_or_baseline! {
+    /// One run of the affine map and epilogue: `y = max(x·a + b (+ r), floor)`.
+    fn affine_run(
+        y: &mut [MaybeUninit<f32>],
+        x: &[f32],
+        residual: Option<&[f32]>,
+        affine: (f32, f32),
+        floor: f32,
+    ) {
+        let (a, b) = affine;
+        match residual {
+            Some(r) => {
+                for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) {
+                    y.write((x * a + b + r).max(floor));
                 }
             }
-            ReluGate::Affine { scale, shift } => {
-                let (a, b) = (scale[c], shift[c]);
-                for ((o, &g), &x) in out.iter_mut().zip(g).zip(s.run(x, n, c)) {
-                    *o = if x * a + b > 0.0 { g } else { 0.0 };
+            None => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write((x * a + b).max(floor));
                 }
             }
         }
-        out
+    }
+}
+
+/// The per-channel coefficients of the input gradient: `dx = k_g·g + k_x·(x − mean) + k_0`.
+#[derive(Debug, Clone, Copy)]
+struct DxCoefficients {
+    k_g: f32,
+    k_x: f32,
+    k_0: f32,
+    mean: f32,
+}
+
+avx2_or_baseline! {
+    /// One run of the input gradient (and of the residual's, `g` itself, when `dr` is given).
+    fn input_gradient_run(
+        dx: &mut [MaybeUninit<f32>],
+        dr: Option<&mut [MaybeUninit<f32>]>,
+        x_dy: (&[f32], &[f32]),
+        gate: RunGate<'_>,
+        k: DxCoefficients,
+    ) {
+        let (x, dy) = x_dy;
+        // One loop per gate (see `gated_sums`); `dy` stands in for the outputs the gate ignores.
+        match gate {
+            RunGate::Open => dx_loop(dx, dr, [x, dy, dy], k, |_, d, _| d),
+            RunGate::Output(y) => dx_loop(dx, dr, [x, dy, y], k, |_, d, y| pass(y > 0.0, d)),
+            RunGate::Affine(a, b) => {
+                dx_loop(dx, dr, [x, dy, dy], k, |x, d, _| pass(x * a + b > 0.0, d))
+            }
+        }
+    }
+}
+
+/// The loop of [`input_gradient_run`] for one gate, `g = gate(x, d, y)` from the inputs
+/// `[x, dy, y]`.
+#[inline(always)]
+fn dx_loop(
+    dx: &mut [MaybeUninit<f32>],
+    dr: Option<&mut [MaybeUninit<f32>]>,
+    [x, dy, y]: [&[f32]; 3],
+    k: DxCoefficients,
+    gate: impl Fn(f32, f32, f32) -> f32,
+) {
+    let dx_of = |x: f32, g: f32| k.k_g * g + k.k_x * (x - k.mean) + k.k_0;
+    let elements = dx.iter_mut().zip(x).zip(dy).zip(y);
+    match dr {
+        Some(dr) => {
+            for ((((dx, &x), &d), &y), dr) in elements.zip(dr) {
+                let g = gate(x, d, y);
+                dr.write(g);
+                dx.write(dx_of(x, g));
+            }
+        }
+        None => {
+            for (((dx, &x), &d), &y) in elements {
+                dx.write(dx_of(x, gate(x, d, y)));
+            }
+        }
     }
 }
 
@@ -217,19 +329,8 @@ pub fn forward(
             for c in 0..s.channels {
                 let range = c * s.plane..(c + 1) * s.plane;
                 let (yc, xc) = (&mut yn[range.clone()], &xn[range.clone()]);
-                let (a, b) = (scale[c], shift[c]);
-                match rn {
-                    Some(r) => {
-                        for ((y, &x), &r) in yc.iter_mut().zip(xc).zip(&r[range]) {
-                            y.write((x * a + b + r).max(floor));
-                        }
-                    }
-                    None => {
-                        for (y, &x) in yc.iter_mut().zip(xc) {
-                            y.write((x * a + b).max(floor));
-                        }
-                    }
-                }
+                let rc = rn.map(|r| &r[range]);
+                affine_run(yc, xc, rc, (scale[c], shift[c]), floor);
             }
         })
     };
@@ -271,10 +372,9 @@ pub fn backward(
     // g = the gated dy: the gradient at the affine map's output (and at the residual).
     // Σ g and Σ g·(x − mean) per channel.
     let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) = s
-        .channel_sums(|n, c, scratch| {
-            let (xr, gr) = (s.run(x, n, c), gate.apply(s, x, dy, (n, c), scratch));
-            let mean = stats.mean[c];
-            sum2(xr.len(), |i| (gr[i], gr[i] * (xr[i] - mean)))
+        .channel_sums(|n, c| {
+            let (xr, dyr) = (s.run(x, n, c), s.run(dy, n, c));
+            gated_sums(xr, dyr, gate.run(s, n, c), stats.mean[c])
         })
         .into_iter()
         .map(|(a, b)| (a as f32, b as f32))
@@ -288,12 +388,12 @@ pub fn backward(
         let inv = inv_std(stats.variance[c], epsilon);
         dgamma[c] = dgamma_raw[c] * inv;
         let k_g = gamma[c] * inv;
-        coefficients.push((
+        coefficients.push(DxCoefficients {
             k_g,
-            -k_g * inv * dgamma[c] / m,
-            -k_g * dbeta[c] / m,
-            stats.mean[c],
-        ));
+            k_x: -k_g * inv * dgamma[c] / m,
+            k_0: -k_g * dbeta[c] / m,
+            mean: stats.mean[c],
+        });
     }
 
     let image = s.image();
@@ -306,24 +406,15 @@ pub fn backward(
             .zip(d_residual_runs)
             .enumerate()
             .for_each(|(n, (dxn, mut drn))| {
-                let mut scratch = Vec::with_capacity(s.plane);
-                for (c, &(k_g, k_x, k_0, mean)) in coefficients.iter().enumerate() {
+                for (c, &k) in coefficients.iter().enumerate() {
                     let range = c * s.plane..(c + 1) * s.plane;
-                    let g = gate.apply(s, x, dy, (n, c), &mut scratch);
-                    let rows = dxn[range.clone()].iter_mut().zip(s.run(x, n, c)).zip(g);
-                    match drn.as_deref_mut() {
-                        Some(dr) => {
-                            for (((dx, &x), &g), dr) in rows.zip(&mut dr[range]) {
-                                dr.write(g);
-                                dx.write(k_g * g + k_x * (x - mean) + k_0);
-                            }
-                        }
-                        None => {
-                            for ((dx, &x), &g) in rows {
-                                dx.write(k_g * g + k_x * (x - mean) + k_0);
-                            }
-                        }
-                    }
+                    input_gradient_run(
+                        &mut dxn[range.clone()],
+                        drn.as_deref_mut().map(|dr| &mut dr[range]),
+                        (s.run(x, n, c), s.run(dy, n, c)),
+                        gate.run(s, n, c),
+                        k,
+                    );
                 }
             });
     };
@@ -341,5 +432,95 @@ pub fn backward(
         d_residual,
         dgamma,
         dbeta,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 250.0 - 2.0)
+            .collect()
+    }
+
+    fn init(slots: &[MaybeUninit<f32>]) -> Vec<f32> {
+        // SAFETY: the leaves write every slot they are given.
+        slots.iter().map(|v| unsafe { v.assume_init() }).collect()
+    }
+
+    /// Each pass's AVX2 copy gives the bits of its baseline copy (which `portable` runs), on
+    /// runs with and without a tail past the last group of lanes, for every gate and epilogue.
+    /// On a CPU without AVX2 + FMA the AVX2 copies must never be chosen.
+    #[test]
+    fn avx2_passes_give_the_baseline_bits() {
+        let features = super::super::cpu::cpu().features;
+        if !super::super::cpu::KernelPath::Avx2.supported(features) {
+            assert!(!super::super::cpu::avx2_passes());
+            return;
+        }
+        for len in [0, 1, 7, 8, 9, 23, 64, 70] {
+            let (x, dy, y, r) = (
+                values(len, 1),
+                values(len, 2),
+                values(len, 3),
+                values(len, 4),
+            );
+            // SAFETY (every `avx2` call): the CPU has AVX2 and FMA (checked above).
+            assert_eq!(shifted_sums::baseline(&x, 0.3), unsafe {
+                shifted_sums::avx2(&x, 0.3)
+            });
+            for gate in [
+                RunGate::Open,
+                RunGate::Output(&y),
+                RunGate::Affine(0.7, -0.2),
+            ] {
+                assert_eq!(
+                    gated_sums::baseline(&x, &dy, gate, 0.1),
+                    unsafe { gated_sums::avx2(&x, &dy, gate, 0.1) },
+                    "sums, {gate:?}"
+                );
+                let k = DxCoefficients {
+                    k_g: 1.3,
+                    k_x: -0.4,
+                    k_0: 0.05,
+                    mean: 0.2,
+                };
+                for with_residual in [false, true] {
+                    let run = |avx2: bool| {
+                        let mut dx = vec![MaybeUninit::uninit(); len];
+                        let mut dr = vec![MaybeUninit::uninit(); len];
+                        let dr_slots = with_residual.then_some(&mut dr[..]);
+                        if avx2 {
+                            unsafe {
+                                input_gradient_run::avx2(&mut dx, dr_slots, (&x, &dy), gate, k)
+                            }
+                        } else {
+                            input_gradient_run::baseline(&mut dx, dr_slots, (&x, &dy), gate, k)
+                        }
+                        (init(&dx), with_residual.then(|| init(&dr)))
+                    };
+                    assert_eq!(run(false), run(true), "dx, {gate:?}, {with_residual}");
+                }
+            }
+            for (residual, floor) in [(None, 0.0), (Some(&r[..]), f32::NEG_INFINITY)] {
+                let run = |avx2: bool| {
+                    let mut out = vec![MaybeUninit::uninit(); len];
+                    if avx2 {
+                        unsafe { affine_run::avx2(&mut out, &x, residual, (1.1, -0.3), floor) }
+                    } else {
+                        affine_run::baseline(&mut out, &x, residual, (1.1, -0.3), floor)
+                    }
+                    init(&out)
+                };
+                assert_eq!(
+                    run(false),
+                    run(true),
+                    "affine, residual {}",
+                    residual.is_some()
+                );
+            }
+        }
     }
 }

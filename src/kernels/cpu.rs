@@ -415,6 +415,14 @@ pub fn kernel_path() -> KernelPath {
     cpu().path
 }
 
+/// Whether the kernels' element-wise passes (BatchNorm, see `vectorize.rs`) run compiled for
+/// AVX2 + FMA: on the AVX2 and AVX-512 paths (so `SPLITAUX_KERNEL_PATH=portable` turns it off),
+/// on a CPU with both (every AVX-512 CPU so far has them).
+pub fn avx2_passes() -> bool {
+    let c = cpu();
+    c.path != KernelPath::Portable && KernelPath::Avx2.supported(c.features)
+}
+
 /// L1 data cache per core, bytes.
 pub fn l1d_bytes() -> usize {
     cpu().l1d_bytes

@@ -22,6 +22,7 @@ mod fork;
 mod gemm;
 pub mod geometry;
 pub mod shortcut;
+mod vectorize;
 
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::BatchNorm;

@@ -94,21 +94,16 @@ pub fn backward(s: ShortcutShape, dy: &[f32]) -> Vec<f32> {
                     .chunks_mut(s.height * s.width)
                     .zip(kept.chunks(out_plane))
                 {
-                    for (r, dxr) in dxc.chunks_mut(s.width).enumerate() {
-                        if r % s.stride != 0 {
-                            dxr.iter_mut().for_each(|v| {
-                                v.write(0.0);
-                            });
-                            continue;
+                    // Input rows `stride·i .. stride·(i + 1)`: the first takes output row `i`
+                    // at every `stride`-th column, the rest are skipped (zero).
+                    let rows = dxc.chunks_mut(s.width * s.stride);
+                    for (dxr, dyr) in rows.zip(dyc.chunks(ow)) {
+                        let (kept, skipped) = dxr.split_at_mut(s.width);
+                        for (run, &d) in kept.chunks_mut(s.stride).zip(dyr) {
+                            run[0].write(d);
+                            run[1..].fill(MaybeUninit::new(0.0));
                         }
-                        let dyr = &dyc[r / s.stride * ow..][..ow];
-                        for (col, v) in dxr.iter_mut().enumerate() {
-                            v.write(if col % s.stride == 0 {
-                                dyr[col / s.stride]
-                            } else {
-                                0.0
-                            });
-                        }
+                        skipped.fill(MaybeUninit::new(0.0));
                     }
                 }
             })
