@@ -1,5 +1,6 @@
 //! The direct kernel's AVX-512 tiles (F + VL; 16 lanes, 32 registers). A forward tile holds 8
-//! output channels × up to 3 vectors of 16 grid positions (24 accumulators); a weight-gradient
+//! output channels × up to 3 vectors of 16 output positions (24 accumulators; in output rows
+//! when the width is a multiple of 16, else on the grid with masked stores); a weight-gradient
 //! tile 2 output channels × 9 taps (18 accumulators, one vector of lane sums each). The sum
 //! order is the one [`super`] defines.
 //!
@@ -8,14 +9,15 @@
 
 use std::arch::x86_64::*;
 
-use super::{GradientGroup, LANES, Layout, OUT_BLOCK, TILE_SUMS, Tile};
+use super::{GradientGroup, LANES, Layout, OUT_BLOCK, Positions, TILE_SUMS, Tile};
 
 /// Output channels per forward tile.
 const CHANNELS: usize = OUT_BLOCK;
 /// Vectors of grid positions per forward tile, at most.
 const MAX_VECTORS: usize = 3;
 /// The forward tile, as `bench --cpu` names it.
-pub(super) const FORWARD_TILE: &str = "8 channels × 48 positions";
+pub(super) const FORWARD_TILE: &str = "8 channels × 3 vectors of 16 positions (in output rows \
+     when the width is a multiple of 16, else on the grid, masked)";
 
 /// `dst[..src.len()] = src` with masked vector moves.
 ///
@@ -33,25 +35,31 @@ pub(super) unsafe fn copy_row(src: &[f32], dst: *mut f32) {
     }
 }
 
-/// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of grid
-/// positions, every block of [`CHANNELS`] output channels (the input strip stays in L1 across
-/// the blocks).
+/// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of output
+/// positions ([`Tile::vector`]), every block of [`CHANNELS`] output channels (the input strip
+/// stays in L1 across the blocks).
 ///
 /// # Safety
 /// AVX-512 F and VL; `tile`'s buffers as [`super::forward_image`] asserts them.
 #[target_feature(enable = "avx512f,avx512vl")]
 pub(super) unsafe fn run_tiles(tile: &Tile) {
-    let vectors = tile.grid / LANES;
+    let vectors = tile.vectors(LANES);
     let mut v = 0;
     while v < vectors {
         let nv = (vectors - v).min(MAX_VECTORS);
+        // (input, output) offsets of the run's vectors (the unused ones repeat the last).
+        let at: [(usize, usize); MAX_VECTORS] =
+            std::array::from_fn(|i| tile.vector((v + i).min(vectors - 1), LANES));
         for o in (0..tile.out_channels).step_by(CHANNELS) {
-            // SAFETY: `o + CHANNELS ≤ out_padded`, `x + nv·16 ≤ grid`.
+            // SAFETY: `o + CHANNELS ≤ out_padded`; the vectors lie in the image.
             unsafe {
-                match nv {
-                    3 => forward_tile::<3>(tile, v * LANES, o),
-                    2 => forward_tile::<2>(tile, v * LANES, o),
-                    _ => forward_tile::<1>(tile, v * LANES, o),
+                match (nv, tile.positions == Positions::Rows) {
+                    (3, true) => forward_tile::<3, true>(tile, &at, o),
+                    (2, true) => forward_tile::<2, true>(tile, &at, o),
+                    (_, true) => forward_tile::<1, true>(tile, &at, o),
+                    (3, false) => forward_tile::<3, false>(tile, &at, o),
+                    (2, false) => forward_tile::<2, false>(tile, &at, o),
+                    (_, false) => forward_tile::<1, false>(tile, &at, o),
                 }
             }
         }
@@ -59,22 +67,30 @@ pub(super) unsafe fn run_tiles(tile: &Tile) {
     }
 }
 
-/// Grid positions `x .. x + 16·NV` of output channels `o + j`, `j <` [`CHANNELS`]:
-/// `Σ_{c, t} w[c, t, o + j] · input[c, x + taps[t] ..]`, one FMA per term in `(c, t)` order.
+/// Output channels `o + j`, `j <` [`CHANNELS`], at the 16 positions of each of `NV` vectors,
+/// vector `v` starting at `at[v].0` in the padded input planes (its grid position) and at
+/// `at[v].1` in an output channel: `Σ_{c, t} w[c, t, o + j] · input[c, at[v].0 + taps[t] ..]`,
+/// one FMA per term in `(c, t)` order. `ROWS` ([`Positions::Rows`]): each vector is stored
+/// whole; otherwise its lanes in the image, masked ([`Tile::runs`]). (A constant, not a test
+/// of `tile.positions`: with the test LLVM stored every accumulator to the stack after each
+/// FMA, halving the tile's speed.)
 ///
 /// # Safety
 /// As [`run_tiles`].
 #[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn forward_tile<const NV: usize>(tile: &Tile, x: usize, o: usize) {
+unsafe fn forward_tile<const NV: usize, const ROWS: bool>(
+    tile: &Tile,
+    at: &[(usize, usize); MAX_VECTORS],
+    o: usize,
+) {
     let mut acc = [[_mm512_setzero_ps(); NV]; CHANNELS];
     for c in 0..tile.channels {
         // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
-        let base = unsafe { tile.input.add(c * tile.plane + x) };
+        let base = unsafe { tile.input.add(c * tile.plane) };
         let wc = unsafe { tile.weights.add(c * tile.taps.len() * tile.out_padded + o) };
         for (t, &offset) in tile.taps.iter().enumerate() {
-            let src = unsafe { base.add(offset) };
             let xs: [__m512; NV] =
-                std::array::from_fn(|v| unsafe { _mm512_loadu_ps(src.add(v * LANES)) });
+                std::array::from_fn(|v| unsafe { _mm512_loadu_ps(base.add(at[v].0 + offset)) });
             let wt = unsafe { wc.add(t * tile.out_padded) };
             for (j, row) in acc.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(unsafe { *wt.add(j) });
@@ -85,15 +101,26 @@ unsafe fn forward_tile<const NV: usize>(tile: &Tile, x: usize, o: usize) {
         }
     }
     let plane = tile.height * tile.width;
-    for (j, row) in acc.iter().enumerate().take(tile.out_channels - o) {
-        // SAFETY: channel `o + j < out_channels` of the output.
-        let channel = unsafe { tile.output.add((o + j) * plane) };
-        for (v, a) in row.iter().enumerate() {
-            for (first, end, offset) in tile.runs(x + v * LANES, LANES) {
-                let mask = ((1u32 << end) - (1u32 << first)) as __mmask16;
-                // Only the masked lanes, inside the plane, are written (the base may lie
-                // before the plane, hence the wrapping arithmetic).
-                unsafe { _mm512_mask_storeu_ps(channel.wrapping_offset(offset), mask, *a) };
+    let live = acc.iter().enumerate().take(tile.out_channels - o);
+    // SAFETY (both branches): channel `o + j < out_channels` of the output.
+    if ROWS {
+        for (j, row) in live {
+            let channel = unsafe { tile.output.add((o + j) * plane) };
+            for (a, &(_, out)) in row.iter().zip(at) {
+                // SAFETY: the vector's 16 outputs lie in one row of the channel.
+                unsafe { _mm512_storeu_ps(channel.add(out), *a) };
+            }
+        }
+    } else {
+        for (j, row) in live {
+            let channel = unsafe { tile.output.add((o + j) * plane) };
+            for (a, &(grid, _)) in row.iter().zip(at) {
+                for (first, end, offset) in tile.runs(grid, LANES) {
+                    let mask = ((1u32 << end) - (1u32 << first)) as __mmask16;
+                    // Only the masked lanes, inside the plane, are written (the base may lie
+                    // before the plane, hence the wrapping arithmetic).
+                    unsafe { _mm512_mask_storeu_ps(channel.wrapping_offset(offset), mask, *a) };
+                }
             }
         }
     }

@@ -149,10 +149,18 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         geometry(2, 2, 5, 3, 24, 3), // three vectors a row: pairs straddle two rows
         geometry(2, 2, 3, 4, 8, 5),  // 5×5 in rows (the taps from the table)
         geometry(1, 1, 1, 1, 8, 1),  // 1×1, one channel, one vector
+        // AVX-512 rows: runs of three vectors across rows, a partial block of channels.
+        geometry(2, 3, 9, 5, 16, 3),
+        geometry(2, 2, 5, 3, 48, 3), // three vectors a row
     ];
-    // On AVX2 these take both ways of laying out the tile's vectors.
+    // On each instruction set these take both ways of laying out the tile's vectors.
     let layouts: Vec<Positions> = geometries.iter().map(|g| Kind::Avx2.positions(g)).collect();
     assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Grid));
+    let layouts: Vec<Positions> = geometries
+        .iter()
+        .map(|g| Kind::Avx512.positions(g))
+        .collect();
+    assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Masked));
     for g in geometries {
         let x = values(g.batch * g.in_len(), 1);
         let w = values(g.out_channels * g.patch_len(), 2);
