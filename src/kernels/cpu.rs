@@ -272,9 +272,22 @@ struct CpuInfo {
     model_name: Option<String>,
     family: Option<u32>,
     model: Option<u32>,
-    /// `amx_tile` among the flags (informational: no kernel uses AMX).
-    amx: bool,
+    /// Which of [`NAMED_FLAGS`] the flags list (informational).
+    named_flags: Vec<&'static str>,
 }
+
+/// `/proc/cpuinfo` flags that tell CPU kinds apart in a speed table (which AVX-512 extensions,
+/// whether AMX), named by `bench --cpu` although no kernel uses them: lower precision changes
+/// results and is left out.
+const NAMED_FLAGS: [&str; 7] = [
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+];
 
 /// The first processor's block of a `/proc/cpuinfo` text (`key : value` lines, blocks
 /// separated by blank lines).
@@ -297,7 +310,13 @@ fn parse_cpuinfo(text: &str) -> CpuInfo {
             "model name" => info.model_name = Some(value.to_string()),
             "cpu family" => info.family = value.parse().ok(),
             "model" => info.model = value.parse().ok(),
-            "flags" => info.amx = value.split_whitespace().any(|flag| flag == "amx_tile"),
+            "flags" => {
+                let flags: Vec<&str> = value.split_whitespace().collect();
+                info.named_flags = NAMED_FLAGS
+                    .into_iter()
+                    .filter(|name| flags.contains(name))
+                    .collect();
+            }
             _ => {}
         }
     }
@@ -325,8 +344,8 @@ pub struct Cpu {
     /// `cpu family` and `model` from `/proc/cpuinfo` (decimal, as Linux prints them).
     pub family: Option<u32>,
     pub model: Option<u32>,
-    /// `amx_tile` among `/proc/cpuinfo`'s flags (informational).
-    pub amx: bool,
+    /// Which of [`NAMED_FLAGS`] `/proc/cpuinfo` lists (informational).
+    pub named_flags: Vec<&'static str>,
     /// L1 data cache per core, bytes (sysfs, else [`FALLBACK_L1D_BYTES`]).
     pub l1d_bytes: usize,
     /// L2 cache per core, bytes (sysfs, else [`FALLBACK_L2_BYTES`]).
@@ -358,7 +377,7 @@ impl Cpu {
             model_name: info.model_name,
             family: info.family,
             model: info.model,
-            amx: info.amx,
+            named_flags: info.named_flags,
             l1d_bytes: l1d.unwrap_or(FALLBACK_L1D_BYTES),
             l2_bytes: l2.unwrap_or(FALLBACK_L2_BYTES),
             l1d_read: l1d.is_some(),
@@ -380,9 +399,7 @@ impl Cpu {
         };
         let assumed = |read: bool| if read { "" } else { " (assumed)" };
         let mut features = self.features.names();
-        if self.amx {
-            features.push("amx");
-        }
+        features.extend(&self.named_flags);
         let features = if features.is_empty() {
             "no avx2/fma/avx512".to_string()
         } else {
@@ -541,7 +558,7 @@ mod tests {
     #[test]
     fn cpuinfo_parses_the_first_processor() {
         let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\
-                    model\t\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n\
+                    model\t\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma avx512_bf16 amx_int8 avx512bw\n\n\
                     processor\t: 1\ncpu family\t: 6\nmodel\t\t: 167\nmodel name\t: Other\n\
                     flags\t\t: amx_tile\n";
         assert_eq!(
@@ -550,7 +567,7 @@ mod tests {
                 model_name: Some("AMD EPYC 7B13".to_string()),
                 family: Some(25),
                 model: Some(1),
-                amx: false,
+                named_flags: vec!["avx512bw", "avx512_bf16", "amx_int8"],
             }
         );
         assert_eq!(parse_cpuinfo(""), CpuInfo::default());
@@ -562,7 +579,7 @@ mod tests {
             model_name: Some("AMD EPYC 7B13".to_string()),
             family: Some(25),
             model: Some(1),
-            amx: false,
+            named_flags: vec![],
             l1d_bytes: 32 * 1024,
             l2_bytes: 512 * 1024,
             l1d_read: true,
@@ -590,6 +607,27 @@ mod tests {
             forced.describe(),
             "cpu: AMD EPYC 7B13 (family 25 model 1), L1d 32 KiB, L2 2 MiB (assumed), avx2 fma; \
              kernels: avx2 (SPLITAUX_KERNEL_PATH=avx512 unsupported)"
+        );
+        let xeon = Cpu {
+            model_name: Some("Intel(R) Xeon(R) Processor".to_string()),
+            family: Some(6),
+            model: Some(207),
+            named_flags: vec!["avx512bw", "avx512_fp16", "amx_tile"],
+            l1d_bytes: 48 * 1024,
+            features: Features {
+                avx2: true,
+                fma: true,
+                avx512f: true,
+                avx512vl: true,
+            },
+            path: KernelPath::Avx512,
+            ..forced.clone()
+        };
+        assert_eq!(
+            xeon.describe(),
+            "cpu: Intel(R) Xeon(R) Processor (family 6 model 207), L1d 48 KiB, L2 2 MiB \
+             (assumed), avx2 fma avx512f avx512vl avx512bw avx512_fp16 amx_tile; kernels: avx512 \
+             (forced)"
         );
         assert!(!describe().contains('\n'));
     }
