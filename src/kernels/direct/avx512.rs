@@ -1,15 +1,15 @@
 //! The direct kernel's AVX-512 tiles (F + VL; 16 lanes, 32 registers). A forward tile holds 8
 //! output channels × up to 3 vectors of 16 output positions (24 accumulators; in output rows
 //! when the width is a multiple of 16, else on the grid with masked stores); a weight-gradient
-//! tile 2 output channels × 9 taps (18 accumulators, one vector of lane sums each). The sum
-//! order is the one [`super`] defines.
+//! tile 3 output channels × 9 taps (27 accumulators, one vector of lane sums each; 1 or 2 for
+//! the last channels). The sum order is the one [`super`] defines.
 //!
 //! VL as well as F: without it LLVM keeps loop-carried accumulators in zmm0–15 only and spills
 //! the rest, since the 128-bit zeroing idiom it uses needs VL to reach zmm16–31.
 
 use std::arch::x86_64::*;
 
-use super::{GradientGroup, LANES, Layout, OUT_BLOCK, Positions, TILE_SUMS, Tile};
+use super::{GradientGroup, LANES, Layout, OUT_BLOCK, Positions, Tile};
 
 /// Output channels per forward tile.
 const CHANNELS: usize = OUT_BLOCK;
@@ -126,41 +126,53 @@ unsafe fn forward_tile<const NV: usize, const ROWS: bool>(
     }
 }
 
-/// Adds one group's terms to the lane sums of tile `(o/2, c)`: for `j < 2`, `t < 9`, lane `l`
-/// of `lanes[(j·9 + t)·16 ..]` gains `dY[o + j, g] · X′[c, g + taps[t]]` for every image and
-/// grid position `g ≡ l (mod 16)`, in image-then-position order.
+/// Lane sums of one output channel × one input channel: nine taps × 16 lanes (one half of a
+/// [`super::TILE_SUMS`] tile).
+pub(super) const CHANNEL_SUMS: usize = 9 * LANES;
+
+/// Adds one group's terms to the lane sums of output channels `o + j`, `j < N`, × input channel
+/// `c` (`lanes[j]`): lane `l` of `lanes[j][t·16 ..]` gains `dY[o + j, g] · X′[c, g + taps[t]]`
+/// for every image and grid position `g ≡ l (mod 16)`, in image-then-position order. Three
+/// channels make 27 accumulators, 3 output-gradient vectors and 1 input vector in the 32
+/// registers: 12 loads per 27 FMAs, where two channels took 11 per 18 (nine of the input loads
+/// straddle cache lines, which made the two-channel tile load-bound).
 ///
 /// # Safety
-/// AVX-512 F and VL; the reads stay inside the buffers (see [`GradientGroup::accumulate`]).
+/// AVX-512 F and VL; the reads stay inside the buffers (see [`GradientGroup::accumulate`]),
+/// output channels `o .. o + N` inside the gridded gradients.
 #[target_feature(enable = "avx512f,avx512vl")]
-pub(super) unsafe fn gradient_tile(
+pub(super) unsafe fn gradient_tile<const N: usize>(
     group: &GradientGroup,
     c: usize,
     o: usize,
     l: &Layout,
     taps: &[usize; 9],
-    lanes: &mut [f32; TILE_SUMS],
+    lanes: [&mut [f32; CHANNEL_SUMS]; N],
 ) {
-    // One flat array indexed by constants once the tap loop is unrolled: LLVM keeps it in 18
-    // registers (a nested `[[_; 9]; 2]` was spilled to the stack).
-    let mut acc: [__m512; 18] =
-        std::array::from_fn(|k| unsafe { _mm512_loadu_ps(lanes.as_ptr().add(k * LANES)) });
+    // One flat array indexed by constants once the loops are unrolled: LLVM keeps it in
+    // registers (a nested array was spilled to the stack).
+    let mut acc: [[__m512; 9]; N] = std::array::from_fn(|j| {
+        std::array::from_fn(|t| unsafe { _mm512_loadu_ps(lanes[j].as_ptr().add(t * LANES)) })
+    });
     for i in 0..group.images {
         // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
         let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
         let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
         for v in (0..l.grid).step_by(LANES) {
-            let d0 = unsafe { _mm512_loadu_ps(dyo.add(v)) };
-            let d1 = unsafe { _mm512_loadu_ps(dyo.add(l.grid + v)) };
+            let d: [__m512; N] =
+                std::array::from_fn(|j| unsafe { _mm512_loadu_ps(dyo.add(j * l.grid + v)) });
             for t in 0..9 {
                 let xv = unsafe { _mm512_loadu_ps(xc.add(taps[t] + v)) };
-                acc[t] = _mm512_fmadd_ps(d0, xv, acc[t]);
-                acc[9 + t] = _mm512_fmadd_ps(d1, xv, acc[9 + t]);
+                for j in 0..N {
+                    acc[j][t] = _mm512_fmadd_ps(d[j], xv, acc[j][t]);
+                }
             }
         }
     }
-    for (k, a) in acc.iter().enumerate() {
-        // SAFETY: `k·16 + 16 ≤ TILE_SUMS`.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr().add(k * LANES), *a) };
+    for (sums, a) in lanes.into_iter().zip(&acc) {
+        for (t, a) in a.iter().enumerate() {
+            // SAFETY: `t·16 + 16 ≤ CHANNEL_SUMS`.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr().add(t * LANES), *a) };
+        }
     }
 }

@@ -693,6 +693,11 @@ impl GradientGroup<'_> {
                 && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
             "direct weight gradient: buffer lengths"
         );
+        #[cfg(target_arch = "x86_64")]
+        if isa.0 == Kind::Avx512 {
+            self.accumulate_in_threes(g, l, taps, sums);
+            return;
+        }
         // Rows of tiles, `cin` tiles each (output channels `2·row`, `2·row + 1`); AVX2 takes
         // two rows at once where there are two.
         let mut rows = sums.chunks_exact_mut(cin * TILE_SUMS).enumerate();
@@ -724,13 +729,55 @@ impl GradientGroup<'_> {
                             avx2::gradient_tile_pair(self, c, o, l, taps, [lanes, second])
                         }
                         (Kind::Avx2, None) => avx2::gradient_tile(self, c, o, l, taps, lanes),
-                        (Kind::Avx512, _) => avx512::gradient_tile(self, c, o, l, taps, lanes),
+                        (Kind::Avx512, _) => unreachable!("AVX-512 accumulates in threes"),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
                     let _ = (isa, o, c, lanes, second);
                     unreachable!("an Isa exists only on x86-64");
+                }
+            }
+        }
+    }
+
+    /// [`GradientGroup::accumulate`] on the AVX-512 tiles: output channels in threes (the last
+    /// one or two alone, see [`avx512::gradient_tile`]), each channel's lane sums found in its
+    /// half of a two-channel tile of `sums`.
+    #[cfg(target_arch = "x86_64")]
+    fn accumulate_in_threes(
+        &self,
+        g: &ConvGeometry,
+        l: &Layout,
+        taps: &[usize; 9],
+        sums: &mut [f32],
+    ) {
+        use avx512::CHANNEL_SUMS;
+        let (out, cin) = (g.out_channels, g.in_channels);
+        let mut halves: Vec<&mut [f32]> = sums.chunks_exact_mut(CHANNEL_SUMS).collect();
+        // Channel `j`'s lane sums with input channel `c`: tile `(j/2, c)`, half `j mod 2`.
+        let half = |j: usize, c: usize| ((j / 2) * cin + c) * 2 + j % 2;
+        for o in (0..out).step_by(3) {
+            for c in 0..cin {
+                // SAFETY: only the AVX-512 path calls this, and an `Isa` of it exists only on a
+                // CPU with AVX-512 F and VL; the reads stay inside the buffers `accumulate`
+                // asserts, output channels `o .. o + n ≤ out`.
+                macro_rules! tile {
+                    ($n:literal) => {{
+                        let blocks = halves
+                            .get_disjoint_mut(std::array::from_fn::<_, $n, _>(|j| half(o + j, c)))
+                            .expect("distinct channels have distinct lane sums");
+                        let lanes = blocks.map(|b| {
+                            <&mut [f32; CHANNEL_SUMS]>::try_from(&mut **b)
+                                .expect("CHANNEL_SUMS lane sums")
+                        });
+                        unsafe { avx512::gradient_tile::<$n>(self, c, o, l, taps, lanes) }
+                    }};
+                }
+                match out - o {
+                    1 => tile!(1),
+                    2 => tile!(2),
+                    _ => tile!(3),
                 }
             }
         }
