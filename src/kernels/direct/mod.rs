@@ -10,9 +10,10 @@
 //! The output is computed on the *padded-width grid*: position `g = oh·w′ + ow` with
 //! `w′ = w + k − 1`, so that for every tap `(ki, kj)` the inputs of consecutive grid positions
 //! are consecutive floats of the padded plane, at `g + ki·w′ + kj`. The `k − 1` grid columns
-//! past `w` in each row are computed and dropped. The AVX2 forward tiles instead take their
-//! vectors within output rows when the width is a multiple of 8 ([`Positions::Rows`]): each
-//! vector's inputs are still consecutive floats, and no column is dropped.
+//! past `w` in each row are computed and dropped. The forward tiles instead take their vectors
+//! within output rows when the width is a multiple of the vector (8 floats on AVX2, 16 on
+//! AVX-512; [`Positions::Rows`]): each vector's inputs are still consecutive floats, and no
+//! column is dropped.
 //!
 //! # One summation order on every machine
 //! Both instruction sets add every output's terms in the same order, so the direct kernels give
