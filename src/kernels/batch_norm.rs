@@ -86,14 +86,25 @@ const LANES: usize = 8;
 /// `(Σ f(xᵢ, dᵢ, yᵢ).0, Σ f(xᵢ, dᵢ, yᵢ).1)` over `i` (equal lengths; pass any of them again for
 /// an input `f` ignores): `LANES` partial sums, element `i` in lane `i mod LANES` (the tail past
 /// the last full group in lane 0), added in f64 at the end.
+///
+/// # Safety
+/// The CPU has `V`'s instruction set (see [`Lanes8::splat`]).
 #[inline(always)]
-fn lane_sums<V: Lanes8>([x, d, y]: [&[f32]; 3], f: impl Fn(V, V, V) -> (V, V)) -> (f64, f64) {
+unsafe fn lane_sums<V: Lanes8>(
+    [x, d, y]: [&[f32]; 3],
+    f: impl Fn(V, V, V) -> (V, V),
+) -> (f64, f64) {
     let len = x.len();
     assert!(d.len() == len && y.len() == len, "lane sums: input lengths");
     fn groups<V: Lanes8>(v: &[f32]) -> impl Iterator<Item = V> + '_ {
-        v.as_chunks::<LANES>().0.iter().map(V::load)
+        // SAFETY: `lane_sums`'s caller promised `V`'s instruction set.
+        v.as_chunks::<LANES>()
+            .0
+            .iter()
+            .map(|v| unsafe { V::load(v) })
     }
-    let (mut a, mut b) = (V::splat(0.0), V::splat(0.0));
+    // SAFETY (both `splat` calls): the caller promised `V`'s instruction set.
+    let (mut a, mut b) = unsafe { (V::splat(0.0), V::splat(0.0)) };
     for ((xv, dv), yv) in groups(x).zip(groups(d)).zip(groups(y)) {
         let (fa, fb) = f(xv, dv, yv);
         a = a.add(fa);
@@ -102,7 +113,8 @@ fn lane_sums<V: Lanes8>([x, d, y]: [&[f32]; 3], f: impl Fn(V, V, V) -> (V, V)) -
     let (mut a, mut b) = (a.to_array(), b.to_array());
     for i in len / LANES * LANES..len {
         // The tail, element by element in lane 0 of all-equal lanes.
-        let (fa, fb) = f(V::splat(x[i]), V::splat(d[i]), V::splat(y[i]));
+        // SAFETY: as above.
+        let (fa, fb) = unsafe { f(V::splat(x[i]), V::splat(d[i]), V::splat(y[i])) };
         a[0] += fa.to_array()[0];
         b[0] += fb.to_array()[0];
     }
@@ -113,11 +125,14 @@ fn lane_sums<V: Lanes8>([x, d, y]: [&[f32]; 3], f: impl Fn(V, V, V) -> (V, V)) -
 avx2_or_baseline! {
     /// `(Σ (v − shift), Σ (v − shift)²)` over one run.
     fn shifted_sums(run: &[f32], shift: f32) -> (f64, f64) {
-        let shift = V::splat(shift);
-        lane_sums([run, run, run], |v: V, _, _| {
-            let d = v.sub(shift);
-            (d, d.mul(d))
-        })
+        // SAFETY: `V` is this copy's lane type, whose instruction set the copy runs with.
+        unsafe {
+            let shift = V::splat(shift);
+            lane_sums([run, run, run], |v: V, _, _| {
+                let d = v.sub(shift);
+                (d, d.mul(d))
+            })
+        }
     }
 }
 
@@ -197,19 +212,22 @@ avx2_or_baseline! {
     /// `(Σ g, Σ g·(x − mean))` over one run, `g` the gated output gradient.
     fn gated_sums(x: &[f32], dy: &[f32], gate: RunGate<'_>, mean: f32) -> (f64, f64) {
         // One loop per gate, so that no loop tests the gate's kind per element.
-        let mean = V::splat(mean);
-        match gate {
-            RunGate::Open => lane_sums([x, dy, dy], |x: V, d, _| (d, d.mul(x.sub(mean)))),
-            RunGate::Output(y) => lane_sums([x, dy, y], |x: V, d, y| {
-                let g = d.where_positive(y);
-                (g, g.mul(x.sub(mean)))
-            }),
-            RunGate::Affine(a, b) => {
-                let (a, b) = (V::splat(a), V::splat(b));
-                lane_sums([x, dy, dy], |x: V, d, _| {
-                    let g = d.where_positive(x.mul(a).add(b));
+        // SAFETY: `V` is this copy's lane type, whose instruction set the copy runs with.
+        unsafe {
+            let mean = V::splat(mean);
+            match gate {
+                RunGate::Open => lane_sums([x, dy, dy], |x: V, d, _| (d, d.mul(x.sub(mean)))),
+                RunGate::Output(y) => lane_sums([x, dy, y], |x: V, d, y| {
+                    let g = d.where_positive(y);
                     (g, g.mul(x.sub(mean)))
-                })
+                }),
+                RunGate::Affine(a, b) => {
+                    let (a, b) = (V::splat(a), V::splat(b));
+                    lane_sums([x, dy, dy], |x: V, d, _| {
+                        let g = d.where_positive(x.mul(a).add(b));
+                        (g, g.mul(x.sub(mean)))
+                    })
+                }
             }
         }
     }

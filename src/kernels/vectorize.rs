@@ -65,10 +65,16 @@ macro_rules! avx2_or_baseline {
 
 pub(crate) use avx2_or_baseline;
 
-/// Eight `f32` lanes and the exact element-wise operations the reductions need.
+/// Eight `f32` lanes and the exact element-wise operations the reductions need. Making a value
+/// is `unsafe` (the CPU must have the type's instruction set); a value, once made, proves it,
+/// so the operations on it are safe.
 pub(crate) trait Lanes8: Copy + 'static {
-    fn splat(v: f32) -> Self;
-    fn load(v: &[f32; 8]) -> Self;
+    /// # Safety
+    /// The CPU has this type's instruction set (AVX for [`Avx`]; any for `[f32; 8]`).
+    unsafe fn splat(v: f32) -> Self;
+    /// # Safety
+    /// As [`Lanes8::splat`].
+    unsafe fn load(v: &[f32; 8]) -> Self;
     fn add(self, other: Self) -> Self;
     fn sub(self, other: Self) -> Self;
     fn mul(self, other: Self) -> Self;
@@ -79,11 +85,11 @@ pub(crate) trait Lanes8: Copy + 'static {
 
 impl Lanes8 for [f32; 8] {
     #[inline(always)]
-    fn splat(v: f32) -> Self {
+    unsafe fn splat(v: f32) -> Self {
         [v; 8]
     }
     #[inline(always)]
-    fn load(v: &[f32; 8]) -> Self {
+    unsafe fn load(v: &[f32; 8]) -> Self {
         *v
     }
     #[inline(always)]
@@ -108,9 +114,9 @@ impl Lanes8 for [f32; 8] {
     }
 }
 
-/// One AVX register of eight lanes. Only the `avx2` copies of [`avx2_or_baseline!`] functions
-/// make these, and they run only on a CPU with AVX2 ([`super::cpu::avx2_passes`]): the methods'
-/// `unsafe` relies on it.
+/// One AVX register of eight lanes, made only through the `unsafe` [`Lanes8::splat`] and
+/// [`Lanes8::load`] (in the `avx2` copies of [`avx2_or_baseline!`] functions, which run only on
+/// a CPU with AVX2, [`super::cpu::avx2_passes`]): the other methods' `unsafe` relies on it.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) struct Avx(std::arch::x86_64::__m256);
@@ -118,12 +124,13 @@ pub(crate) struct Avx(std::arch::x86_64::__m256);
 #[cfg(target_arch = "x86_64")]
 impl Lanes8 for Avx {
     #[inline(always)]
-    fn splat(v: f32) -> Self {
-        // SAFETY (every method): an `Avx` exists only on a CPU with AVX (see the type).
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY (every method): the caller of `splat` and `load` promised AVX; every other
+        // method has an `Avx` made by them.
         Avx(unsafe { std::arch::x86_64::_mm256_set1_ps(v) })
     }
     #[inline(always)]
-    fn load(v: &[f32; 8]) -> Self {
+    unsafe fn load(v: &[f32; 8]) -> Self {
         Avx(unsafe { std::arch::x86_64::_mm256_loadu_ps(v.as_ptr()) })
     }
     #[inline(always)]
@@ -151,5 +158,35 @@ impl Lanes8 for Avx {
         let mut out = [0.0; 8];
         unsafe { std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), self.0) };
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `where_positive` is `if gate > 0.0 { d } else { 0.0 }` bit for bit, on both lane types,
+    /// for NaN, ±0, subnormal and ordinary gates and values (the BatchNorm tests draw ordinary
+    /// values only).
+    #[test]
+    fn where_positive_is_the_scalar_gate() {
+        let specials = [f32::NAN, -f32::NAN, -0.0, 0.0, 1e-40, -1e-40, 1.5, -2.5];
+        let gates: [f32; 8] = specials;
+        for d in specials {
+            let want: Vec<u32> = gates
+                .iter()
+                .map(|&g| if g > 0.0 { d } else { 0.0 }.to_bits())
+                .collect();
+            let bits = |v: [f32; 8]| v.map(f32::to_bits).to_vec();
+            // SAFETY: `[f32; 8]` needs no instruction set.
+            let scalar = unsafe { <[f32; 8]>::splat(d).where_positive(<[f32; 8]>::load(&gates)) };
+            assert_eq!(bits(scalar.to_array()), want, "[f32; 8], d = {d}");
+            #[cfg(target_arch = "x86_64")]
+            if super::super::cpu::avx2_passes() {
+                // SAFETY: `avx2_passes` holds only on a CPU with AVX2.
+                let avx = unsafe { Avx::splat(d).where_positive(Avx::load(&gates)) };
+                assert_eq!(bits(avx.to_array()), want, "Avx, d = {d}");
+            }
+        }
     }
 }

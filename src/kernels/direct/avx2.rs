@@ -185,7 +185,7 @@ unsafe fn forward_tile<const CH: usize>(
     }
 }
 
-/// Adds one group's terms to the lane sums of tile `(o/2, c)`, as the AVX-512 tile does: for
+/// Adds one group's terms to the lane sums of tile `(o/2, c)`, in the order the AVX-512 tiles use: for
 /// `j < 2`, `t < 9`, lane `l` of `lanes[(j·9 + t)·16 ..]` gains `dY[o + j, g] · X′[c, g + taps[t]]`
 /// for every image and grid position `g ≡ l (mod 16)`, in image-then-position order. The
 /// sixteen lanes are two vectors (`l < 8`, `l ≥ 8`), and the kernel's three rows are three

@@ -13,7 +13,7 @@ use super::{GradientGroup, LANES, Layout, OUT_BLOCK, Positions, Tile};
 
 /// Output channels per forward tile.
 const CHANNELS: usize = OUT_BLOCK;
-/// Vectors of grid positions per forward tile, at most.
+/// Vectors of output positions per forward tile, at most.
 const MAX_VECTORS: usize = 3;
 /// The forward tile, as `bench --cpu` names it.
 pub(super) const FORWARD_TILE: &str = "8 channels × 3 vectors of 16 positions (in output rows \
@@ -76,7 +76,8 @@ pub(super) unsafe fn run_tiles(tile: &Tile) {
 /// FMA, halving the tile's speed.)
 ///
 /// # Safety
-/// As [`run_tiles`].
+/// As [`run_tiles`]; `at[..NV]` are `tile.vector(k, 16)` of vectors `k < tile.vectors(16)`, and
+/// `ROWS` is `tile.positions == Positions::Rows`.
 #[target_feature(enable = "avx512f,avx512vl")]
 unsafe fn forward_tile<const NV: usize, const ROWS: bool>(
     tile: &Tile,

@@ -262,7 +262,8 @@ impl Layout {
     }
 
     /// Floats per image of the weight gradient's buffers: `(padded input, gridded output
-    /// gradient)`, the output channels rounded up to a tile's two (the extra grid row stays zero).
+    /// gradient)`, the output channels rounded up to a block's two (the extra grid row stays
+    /// zero; the AVX2 tiles read it).
     fn gradient_lens(&self, g: &ConvGeometry) -> (usize, usize) {
         (
             self.padded_len(g),
@@ -484,7 +485,9 @@ pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
     handles(g) && g.kernel == 3 && g.width >= 16
 }
 
-/// Lane sums of one weight-gradient tile: 2 output channels × 9 taps × [`LANES`].
+/// Lane sums of one block of the weight gradient's lane-sum buffer: 2 output channels × 9 taps
+/// × [`LANES`] (the AVX2 tiles work on whole blocks, the AVX-512 tiles on their per-channel
+/// halves).
 const TILE_SUMS: usize = 2 * 9 * LANES;
 
 /// Bytes a weight-gradient group may fill: half the L2 cache (the other half for the tiles'
@@ -696,18 +699,15 @@ impl GradientGroup<'_> {
         );
         #[cfg(target_arch = "x86_64")]
         if isa.0 == Kind::Avx512 {
-            self.accumulate_in_threes(g, l, taps, sums);
+            self.accumulate_in_threes(isa, g, l, taps, sums);
             return;
         }
-        // Rows of tiles, `cin` tiles each (output channels `2·row`, `2·row + 1`); AVX2 takes
-        // two rows at once where there are two.
+        // AVX2: rows of tiles, `cin` tiles each (output channels `2·row`, `2·row + 1`), two
+        // rows at once where there are two.
         let mut rows = sums.chunks_exact_mut(cin * TILE_SUMS).enumerate();
         while let Some((row, tiles)) = rows.next() {
             let o = row * 2;
-            let pair = match isa.0 {
-                Kind::Avx2 => rows.next().map(|(_, next)| next),
-                Kind::Avx512 => None,
-            };
+            let pair = rows.next().map(|(_, next)| next);
             let mut next = pair.map(|next| next.chunks_exact_mut(TILE_SUMS));
             for (c, lanes) in tiles.chunks_exact_mut(TILE_SUMS).enumerate() {
                 let lanes: &mut [f32; TILE_SUMS] = lanes.try_into().expect("TILE_SUMS lane sums");
@@ -719,18 +719,18 @@ impl GradientGroup<'_> {
                         .expect("TILE_SUMS lane sums");
                     lanes
                 });
-                // SAFETY: the CPU has `isa` (see `copy_row`); every read is inside the asserted
+                // SAFETY: the CPU has `isa` (see `copy_row`), AVX2 here (AVX-512 returned
+                // above); every read is inside the asserted
                 // buffers: channel `c`'s plane plus the farthest tap plus the grid stays inside
                 // `padded_len`, output channels `o..o + 2` (`o..o + 4` for a pair of rows)
                 // inside the gridded gradients (rounded up to even).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    match (isa.0, second) {
-                        (Kind::Avx2, Some(second)) => {
+                    match second {
+                        Some(second) => {
                             avx2::gradient_tile_pair(self, c, o, l, taps, [lanes, second])
                         }
-                        (Kind::Avx2, None) => avx2::gradient_tile(self, c, o, l, taps, lanes),
-                        (Kind::Avx512, _) => unreachable!("AVX-512 accumulates in threes"),
+                        None => avx2::gradient_tile(self, c, o, l, taps, lanes),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -748,6 +748,7 @@ impl GradientGroup<'_> {
     #[cfg(target_arch = "x86_64")]
     fn accumulate_in_threes(
         &self,
+        isa: Isa,
         g: &ConvGeometry,
         l: &Layout,
         taps: &[usize; 9],
@@ -755,14 +756,23 @@ impl GradientGroup<'_> {
     ) {
         use avx512::CHANNEL_SUMS;
         let (out, cin) = (g.out_channels, g.in_channels);
+        assert!(
+            isa.0 == Kind::Avx512
+                && self.images > 0
+                && self.padded.len() >= (self.images - 1) * self.x_len + l.padded_len(g)
+                && self.gridded.len() >= self.images * self.dy_len
+                && self.dy_len >= out * l.grid
+                && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
+            "direct weight gradient: AVX-512 tiles, buffer lengths"
+        );
         let mut halves: Vec<&mut [f32]> = sums.chunks_exact_mut(CHANNEL_SUMS).collect();
         // Channel `j`'s lane sums with input channel `c`: tile `(j/2, c)`, half `j mod 2`.
         let half = |j: usize, c: usize| ((j / 2) * cin + c) * 2 + j % 2;
         for o in (0..out).step_by(3) {
             for c in 0..cin {
-                // SAFETY: only the AVX-512 path calls this, and an `Isa` of it exists only on a
-                // CPU with AVX-512 F and VL; the reads stay inside the buffers `accumulate`
-                // asserts, output channels `o .. o + n ≤ out`.
+                // SAFETY: `isa` is AVX-512 (asserted), and an `Isa` exists only on a CPU that
+                // has it; the reads stay inside the asserted buffers, output channels
+                // `o .. o + n ≤ out`.
                 macro_rules! tile {
                     ($n:literal) => {{
                         let blocks = halves
