@@ -186,28 +186,17 @@ fn stats_tensors(stats: &Stats) -> (FlexTensor, FlexTensor) {
     )
 }
 
-fn shortcut_shape(x: &FlexTensor, stride: usize, pad: usize) -> ShortcutShape {
-    let [batch, channels, height, width] = dims4(x);
-    ShortcutShape {
-        batch,
-        channels,
-        height,
-        width,
-        stride,
-        pad,
-    }
-}
-
-fn shortcut_forward(x: &FlexTensor, stride: usize, pad: usize) -> FlexTensor {
-    let s = shortcut_shape(x, stride, pad);
+/// The shortcut of dense `x` and its shape.
+fn shortcut_forward(x: &FlexTensor, stride: usize, pad: usize) -> (FlexTensor, ShortcutShape) {
+    let s = ShortcutShape::new(dims4(x), stride, pad);
     let [c, h, w] = s.out_dims();
-    flex(shortcut::forward(s, values(x)), [s.batch, c, h, w])
+    (flex(shortcut::forward(s, values(x)), [s.batch, c, h, w]), s)
 }
 
 impl CpuKernels for Flex {
     // Without autodiff there is no backward, so nothing to fork.
     fn shortcut_nchw(x: FlexTensor, stride: usize, pad: usize, _: Option<Fork>) -> FlexTensor {
-        shortcut_forward(&dense(x), stride, pad)
+        shortcut_forward(&dense(x), stride, pad).0
     }
 
     fn conv2d_nchw(
@@ -487,20 +476,13 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
     }
 
     fn shortcut_nchw(x: AdTensor, stride: usize, pad: usize, fork: Option<Fork>) -> AdTensor {
-        let xp = dense(x.primitive().clone());
-        let y = shortcut_forward(&xp, stride, pad);
+        let (y, shape) = shortcut_forward(&dense(x.primitive().clone()), stride, pad);
         match ShortcutBackward
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                (
-                    shortcut_shape(&xp, stride, pad),
-                    fork.filter(Fork::is_claimed),
-                ),
-                y,
-            ),
+            OpsKind::Tracked(prep) => prep.finish((shape, fork.filter(Fork::is_claimed)), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

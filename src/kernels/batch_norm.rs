@@ -456,12 +456,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 250.0 - 2.0)
-            .collect()
-    }
+    use crate::kernels::test_support::values;
 
     fn init(slots: &[MaybeUninit<f32>]) -> Vec<f32> {
         // SAFETY: the leaves write every slot they are given.

@@ -53,5 +53,11 @@ pub unsafe fn add_onto(slots: &mut [MaybeUninit<f32>], plus: &[f32]) {
     // SAFETY: initialized, by the caller's contract.
     let values: &mut [f32] =
         unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast(), slots.len()) };
+    add_in_place(values, plus);
+}
+
+/// `values[i] += plus[i]`.
+pub fn add_in_place(values: &mut [f32], plus: &[f32]) {
+    assert_eq!(values.len(), plus.len(), "add_in_place: lengths");
     values.iter_mut().zip(plus).for_each(|(v, p)| *v += p);
 }

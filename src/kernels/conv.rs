@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::buffer::{add_onto, filled, zeroed};
+use super::buffer::{add_in_place, add_onto, filled, zeroed};
 use super::direct;
 use super::gemm::{MatRef, matmul, matmul_uninit};
 use super::{REDUCTION_CHUNK, sum_in_order};
@@ -668,7 +668,7 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32], plus: Option<&[f
                         matmul(dcol, w.t(), MatRef::row_major(dyi, out, plane), false);
                         col2im(g, dcol, dxi);
                         if let Some(p) = image_of(plus, task * per + i, g.in_len()) {
-                            dxi.iter_mut().zip(p).for_each(|(d, p)| *d += p);
+                            add_in_place(dxi, p);
                         }
                     }
                 },
@@ -681,6 +681,7 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32], plus: Option<&[f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_support::values;
 
     /// Convolution straight from its definition.
     fn naive_forward(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
@@ -716,12 +717,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0) - 1.0)
-            .collect()
     }
 
     fn geometries() -> Vec<ConvGeometry> {

@@ -274,4 +274,6 @@ fn batch_norm_with(
 }
 
 #[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
 mod tests;

@@ -23,6 +23,18 @@ pub struct ShortcutShape {
 }
 
 impl ShortcutShape {
+    /// The shortcut of an input of dimensions `[batch, channels, height, width]`.
+    pub fn new([batch, channels, height, width]: [usize; 4], stride: usize, pad: usize) -> Self {
+        Self {
+            batch,
+            channels,
+            height,
+            width,
+            stride,
+            pad,
+        }
+    }
+
     /// `(channels + 2·pad, ⌈height / stride⌉, ⌈width / stride⌉)`: rows and columns `0, stride, …`.
     pub fn out_dims(&self) -> [usize; 3] {
         [
@@ -115,28 +127,15 @@ pub fn backward(s: ShortcutShape, dy: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::test_support::values;
 
     /// The shapes ResNets use (even sides, stride 2, padding half the channels) and odd ones.
     fn shapes() -> Vec<ShortcutShape> {
-        let s = |batch, channels, height, width, stride, pad| ShortcutShape {
-            batch,
-            channels,
-            height,
-            width,
-            stride,
-            pad,
-        };
         vec![
-            s(3, 4, 8, 8, 2, 2),
-            s(2, 3, 7, 5, 2, 1),
-            s(2, 2, 9, 9, 3, 0),
-            s(1, 3, 4, 4, 1, 2),
+            ShortcutShape::new([3, 4, 8, 8], 2, 2),
+            ShortcutShape::new([2, 3, 7, 5], 2, 1),
+            ShortcutShape::new([2, 2, 9, 9], 3, 0),
+            ShortcutShape::new([1, 3, 4, 4], 1, 2),
         ]
     }
 

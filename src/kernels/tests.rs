@@ -6,7 +6,7 @@ use burn::nn::conv::Conv2dConfig;
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Distribution, Tensor};
 
-use super::{Kernels, batch_norm, conv2d};
+use super::{Kernels, batch_norm, conv2d, test_support};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -16,16 +16,9 @@ fn random<const D: usize>(shape: [usize; D]) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device())
 }
 
+/// [`test_support::assert_close`] at the tolerance of a single fused operation.
 fn assert_close<const D: usize>(fused: Tensor<D>, reference: Tensor<D>, what: &str) {
-    assert_eq!(fused.dims(), reference.dims(), "{what}: shape");
-    let (a, b) = (fused.into_data(), reference.into_data());
-    let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0f32, f32::max);
-    assert!(worst < 1e-4, "{what}: relative difference {worst}");
+    test_support::assert_close(fused, reference, 1e-4, what);
 }
 
 #[test]

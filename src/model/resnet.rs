@@ -271,15 +271,8 @@ mod tests {
                 .into_iter()
                 .zip(run(Kernels::Burn, tracked))
             {
-                let (a, b) = (fused.into_data(), reference.into_data());
-                let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
-                assert_eq!(a.len(), b.len(), "{what}");
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-                    .fold(0.0f32, f32::max);
-                assert!(worst < 1e-3, "{what} (input tracked: {tracked}): {worst}");
+                let what = format!("{what} (input tracked: {tracked})");
+                crate::kernels::test_support::assert_close(fused, reference, 1e-3, &what);
             }
         }
     }

@@ -688,20 +688,13 @@ impl GradientGroup<'_> {
         taps: &[usize; 9],
         sums: &mut [f32],
     ) {
-        let (out, cin) = (g.out_channels, g.in_channels);
-        assert!(
-            self.images > 0
-                && self.padded.len() >= (self.images - 1) * self.x_len + l.padded_len(g)
-                && self.gridded.len() >= self.images * self.dy_len
-                && self.dy_len >= out.next_multiple_of(2) * l.grid
-                && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
-            "direct weight gradient: buffer lengths"
-        );
         #[cfg(target_arch = "x86_64")]
         if isa.0 == Kind::Avx512 {
             self.accumulate_in_threes(isa, g, l, taps, sums);
             return;
         }
+        self.assert_lengths(g, l, sums);
+        let cin = g.in_channels;
         // AVX2: rows of tiles, `cin` tiles each (output channels `2·row`, `2·row + 1`), two
         // rows at once where there are two.
         let mut rows = sums.chunks_exact_mut(cin * TILE_SUMS).enumerate();
@@ -720,7 +713,7 @@ impl GradientGroup<'_> {
                     lanes
                 });
                 // SAFETY: the CPU has `isa` (see `copy_row`), AVX2 here (AVX-512 returned
-                // above); every read is inside the asserted
+                // above); every read is inside the buffers `assert_lengths` checked
                 // buffers: channel `c`'s plane plus the farthest tap plus the grid stays inside
                 // `padded_len`, output channels `o..o + 2` (`o..o + 4` for a pair of rows)
                 // inside the gridded gradients (rounded up to even).
@@ -742,6 +735,20 @@ impl GradientGroup<'_> {
         }
     }
 
+    /// The buffers the tiles read and the lane sums they add to hold what `g` needs: the
+    /// tiles' `unsafe` relies on it.
+    fn assert_lengths(&self, g: &ConvGeometry, l: &Layout, sums: &mut [f32]) {
+        let (out, cin) = (g.out_channels, g.in_channels);
+        assert!(
+            self.images > 0
+                && self.padded.len() >= (self.images - 1) * self.x_len + l.padded_len(g)
+                && self.gridded.len() >= self.images * self.dy_len
+                && self.dy_len >= out.next_multiple_of(2) * l.grid
+                && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
+            "direct weight gradient: buffer lengths"
+        );
+    }
+
     /// [`GradientGroup::accumulate`] on the AVX-512 tiles: output channels in threes (the last
     /// one or two alone, see [`avx512::gradient_tile`]), each channel's lane sums found in its
     /// half of a two-channel tile of `sums`.
@@ -755,23 +762,16 @@ impl GradientGroup<'_> {
         sums: &mut [f32],
     ) {
         use avx512::CHANNEL_SUMS;
+        assert_eq!(isa.0, Kind::Avx512, "direct weight gradient: AVX-512 tiles");
+        self.assert_lengths(g, l, sums);
         let (out, cin) = (g.out_channels, g.in_channels);
-        assert!(
-            isa.0 == Kind::Avx512
-                && self.images > 0
-                && self.padded.len() >= (self.images - 1) * self.x_len + l.padded_len(g)
-                && self.gridded.len() >= self.images * self.dy_len
-                && self.dy_len >= out * l.grid
-                && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
-            "direct weight gradient: AVX-512 tiles, buffer lengths"
-        );
         let mut halves: Vec<&mut [f32]> = sums.chunks_exact_mut(CHANNEL_SUMS).collect();
         // Channel `j`'s lane sums with input channel `c`: tile `(j/2, c)`, half `j mod 2`.
         let half = |j: usize, c: usize| ((j / 2) * cin + c) * 2 + j % 2;
         for o in (0..out).step_by(3) {
             for c in 0..cin {
                 // SAFETY: `isa` is AVX-512 (asserted), and an `Isa` exists only on a CPU that
-                // has it; the reads stay inside the asserted buffers, output channels
+                // has it; the reads stay inside the buffers `assert_lengths` checked, channels
                 // `o .. o + n ≤ out`.
                 macro_rules! tile {
                     ($n:literal) => {{
