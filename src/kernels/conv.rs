@@ -1,11 +1,12 @@
 //! 2-D convolution on NCHW `f32` slices: forward, input gradient and weight gradient, and the
 //! dispatch between the two ways to compute them.
 //!
-//! - Stride-1 "same" convolutions go to the direct kernel ([`super::direct`]) on CPUs with AVX2
-//!   or AVX-512: the forward pass, the input gradient (the forward pass of the adjoint) and, on
-//!   planes at least 16 wide, the weight gradient.
-//! - Everything else (stride 2, the weight gradients of narrower planes, and every convolution
-//!   on the portable path) is lowered here to a patch matrix (im2col, `[in·k·k, out_h·out_w]`)
+//! - Stride-1 "same" convolutions and ResNet's stride-2 ones (3×3, padding 1, even sides) go to
+//!   the direct kernel ([`super::direct`]) on CPUs with AVX2 or AVX-512: the forward pass, the
+//!   input gradient (at stride 1 the forward pass of the adjoint) and, on output planes at
+//!   least 16 wide, the weight gradient.
+//! - Everything else (other geometries, the weight gradients of narrower planes, and every
+//!   convolution on the portable path) is lowered here to a patch matrix (im2col, `[in·k·k, out_h·out_w]`)
 //!   and multiplied with the weights as one GEMM per image; the weight gradient is the direct
 //!   product `dW = dY · colᵀ`.
 //!
@@ -424,7 +425,7 @@ fn forward_direct(
             .enumerate()
             // One scratch per rayon job, shared by the tasks it runs (not one per task).
             .for_each_init(
-                || direct::Scratch::new(isa, g),
+                || direct::Scratch::new(g),
                 |scratch, (task, (ys, xs))| {
                     for (i, (yi, xi)) in ys
                         .chunks_mut(g.out_len())
@@ -647,6 +648,11 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32], plus: Option<&[f
         };
         return forward_plus(&adjoint, dy, &flipped, plus);
     }
+    if let Some(isa) = direct::Isa::chosen()
+        && direct::handles_phase_input_gradient(g)
+    {
+        return input_gradient_phases(isa, g, weight, dy, plus);
+    }
     let w = MatRef::row_major(weight, out, patch);
     let per = images_per_task(g.batch);
     let fill = |dx: &mut [MaybeUninit<f32>]| {
@@ -675,6 +681,40 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32], plus: Option<&[f
             )
     };
     // SAFETY: every task zeroes its whole run of images (`zeroed`).
+    unsafe { filled(g.batch * g.in_len(), fill) }
+}
+
+/// [`input_gradient`] of a stride-2 convolution by [`direct`] convolution of `dy` onto the
+/// input's phase planes, image by image.
+fn input_gradient_phases(
+    isa: direct::Isa,
+    g: &ConvGeometry,
+    weight: &[f32],
+    dy: &[f32],
+    plus: Option<&[f32]>,
+) -> Vec<f32> {
+    let weights = direct::PhaseWeights::new(g, weight);
+    let per = images_per_task(g.batch);
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        dx.par_chunks_mut(per * g.in_len())
+            .zip(dy.par_chunks(per * g.out_len()))
+            .enumerate()
+            // One scratch per rayon job, shared by the tasks it runs.
+            .for_each_init(
+                || direct::PhaseScratch::new(g),
+                |scratch, (task, (dxs, dys))| {
+                    for (i, (dxi, dyi)) in dxs
+                        .chunks_mut(g.in_len())
+                        .zip(dys.chunks(g.out_len()))
+                        .enumerate()
+                    {
+                        let p = image_of(plus, task * per + i, g.in_len());
+                        direct::input_gradient_image(isa, g, dyi, &weights, scratch, p, dxi);
+                    }
+                },
+            )
+    };
+    // SAFETY: `input_gradient_image` writes each image's `in_len` elements whole.
     unsafe { filled(g.batch * g.in_len(), fill) }
 }
 
@@ -745,6 +785,7 @@ mod tests {
             g(2, 2, 3, 2, 5, 1, 2),   // kernel wider than the image
             g(3, 3, 5, 16, 3, 1, 1),  // direct weight gradient, odd output channels
             g(17, 8, 3, 32, 3, 1, 1), // direct: batch past a reduction chunk
+            g(2, 3, 5, 32, 3, 2, 1),  // stride 2, direct on phase planes: 16-wide output rows
         ]
     }
 
@@ -901,8 +942,9 @@ mod tests {
 
     /// The dispatch follows the kernel path (`cpu::kernel_path`): on the AVX-512 and AVX2 paths
     /// (unless `SPLITAUX_KERNEL_PATH=portable`) the direct kernels take ResNet's stride-1
-    /// convolutions, so the comparisons above exercise them; stride 2 and 8×8 weight gradients
-    /// stay on im2col + GEMM. The chosen instruction set is always one the CPU has.
+    /// convolutions and its stride-2 ones (weight gradients where the output is at least 16
+    /// wide), so the comparisons above exercise them; the 8×8 weight gradients stay on im2col +
+    /// GEMM. The chosen instruction set is always one the CPU has.
     #[test]
     fn direct_kernels_cover_resnet_convolutions_where_the_cpu_allows() {
         let g = ConvGeometry {
@@ -927,7 +969,29 @@ mod tests {
             height: 8,
             ..g
         }));
-        assert!(!direct::handles(&ConvGeometry { stride: 2, ..g }));
+        // Downsampling convolutions: direct (phase planes) on even sides; the weight gradient
+        // where the output is at least 16 wide.
+        let strided = ConvGeometry { stride: 2, ..g };
+        assert_eq!(direct::handles(&strided), chosen.is_some());
+        assert_eq!(
+            direct::handles_phase_input_gradient(&strided),
+            chosen.is_some()
+        );
+        assert!(!direct::handles_weight_gradient(&strided));
+        let wide = ConvGeometry {
+            height: 32,
+            width: 32,
+            ..strided
+        };
+        assert_eq!(direct::handles_weight_gradient(&wide), chosen.is_some());
+        assert!(!direct::handles(&ConvGeometry {
+            height: 15,
+            ..strided
+        }));
+        assert!(!direct::handles(&ConvGeometry {
+            padding: 0,
+            ..strided
+        }));
     }
 
     /// The gradients are the adjoints of the forward map: for a linear map y = A(x, w),

@@ -35,6 +35,75 @@ pub(super) unsafe fn copy_row(src: &[f32], dst: *mut f32) {
     }
 }
 
+/// `even[j] = src[2j]`, `odd[j] = src[2j + 1]` for `j < even.len()`: 32 input floats at a time,
+/// split by two two-register permutes, stored masked.
+///
+/// # Safety
+/// AVX-512 F and VL; `src.len() == 2·even.len() == 2·odd.len()`.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn deinterleave_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mask = |n: usize| ((1u32 << n.min(LANES)) - 1) as __mmask16;
+    for (k, chunk) in src.chunks(2 * LANES).enumerate() {
+        let n = chunk.len();
+        let at = k * LANES;
+        // SAFETY: the masks cover the chunk's `n` floats of `src` and its `n / 2` outputs.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask(n), chunk.as_ptr());
+            let hi =
+                _mm512_maskz_loadu_ps(mask(n.saturating_sub(LANES)), chunk.as_ptr().add(LANES));
+            let out = mask(n / 2);
+            _mm512_mask_storeu_ps(
+                even.as_mut_ptr().add(at),
+                out,
+                _mm512_permutex2var_ps(lo, evens, hi),
+            );
+            _mm512_mask_storeu_ps(
+                odd.as_mut_ptr().add(at),
+                out,
+                _mm512_permutex2var_ps(lo, odds, hi),
+            );
+        }
+    }
+}
+
+/// `dst[2j] = even[j]`, `dst[2j + 1] = odd[j]` (+ `plus`, when given), 16 pairs at a time by
+/// two two-register permutes, stored masked.
+///
+/// # Safety
+/// AVX-512 F and VL; `dst.len() == 2·even.len() == 2·odd.len()`, `plus` as long as `dst`.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn interleave_row(
+    even: &[f32],
+    odd: &[f32],
+    plus: Option<&[f32]>,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mask = |n: usize| ((1u32 << n.min(LANES)) - 1) as __mmask16;
+    let dst = dst.as_mut_ptr().cast::<f32>();
+    for (k, (e, o)) in even.chunks(LANES).zip(odd.chunks(LANES)).enumerate() {
+        let n = e.len();
+        let at = 2 * k * LANES;
+        // SAFETY: the masks cover the chunk's `n` inputs and its `2n` outputs.
+        unsafe {
+            let ev = _mm512_maskz_loadu_ps(mask(n), e.as_ptr());
+            let ov = _mm512_maskz_loadu_ps(mask(n), o.as_ptr());
+            let (m0, m1) = (mask(2 * n), mask((2 * n).saturating_sub(LANES)));
+            let mut lo = _mm512_permutex2var_ps(ev, low, ov);
+            let mut hi = _mm512_permutex2var_ps(ev, high, ov);
+            if let Some(p) = plus {
+                lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, p.as_ptr().add(at)));
+                hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, p.as_ptr().add(at + LANES)));
+            }
+            _mm512_mask_storeu_ps(dst.add(at), m0, lo);
+            _mm512_mask_storeu_ps(dst.add(at + LANES), m1, hi);
+        }
+    }
+}
+
 /// All register tiles of one image: for each run of up to [`MAX_VECTORS`] vectors of output
 /// positions ([`Tile::vector`]), every block of [`CHANNELS`] output channels (the input strip
 /// stays in L1 across the blocks).

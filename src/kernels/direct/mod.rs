@@ -1,10 +1,12 @@
-//! Direct convolution for stride-1 "same" convolutions (odd kernel `k`, padding `(k − 1)/2`):
-//! the forward pass of ResNet's 3×3 convolutions, through the flipped-weight adjoint in
-//! [`super::conv`] their input gradient, and (3×3, planes ≥ 16 wide) their weight gradient. No
-//! patch matrix is built. This module owns the layout and the summation order; the register
-//! tiles that follow that order are per instruction set, in [`avx512`] (16 lanes, 32 registers)
-//! and [`avx2`] (8 lanes, 16 registers). CPUs with neither (and runs forcing
-//! `SPLITAUX_KERNEL_PATH=portable`, see [`super::cpu`]) use im2col + GEMM instead.
+//! Direct convolution for stride-1 "same" convolutions (odd kernel `k`, padding `(k − 1)/2`) and
+//! ResNet's downsampling ones (3×3, stride 2, padding 1, even sides; [`phase_split`]): the
+//! forward pass of ResNet's 3×3 convolutions; their input gradient (at stride 1 through the
+//! flipped-weight adjoint in [`super::conv`], at stride 2 in [`phases`]); and (3×3, output
+//! planes ≥ 16 wide) their weight gradient. No patch matrix is built. This module owns the
+//! layout and the summation order; the register tiles that follow that order are per
+//! instruction set, in [`avx512`] (16 lanes, 32 registers) and [`avx2`] (8 lanes, 16
+//! registers). CPUs with neither (and runs forcing `SPLITAUX_KERNEL_PATH=portable`, see
+//! [`super::cpu`]) use im2col + GEMM instead.
 //!
 //! Each image is copied once into zero-padded planes, `(h + k − 1) × (w + k − 1)` per channel.
 //! The output is computed on the *padded-width grid*: position `g = oh·w′ + ow` with
@@ -13,20 +15,28 @@
 //! past `w` in each row are computed and dropped. The forward tiles instead take their vectors
 //! within output rows when the width is a multiple of the vector (8 floats on AVX2, 16 on
 //! AVX-512; [`Positions::Rows`]): each vector's inputs are still consecutive floats, and no
-//! column is dropped.
+//! column is dropped. At stride 2 each channel is instead split into four zero-padded *phase
+//! planes* (even/odd rows × even/odd columns, `(out_h + 1) × (out_w + 1)`): every tap reads one
+//! of them at a fixed offset ([`Layout::taps`]), so the same tiles run on them, on a grid of
+//! `out_w + 1` columns. That replaced im2col + GEMM for these convolutions (ResNet-20, batch 128,
+//! 2 threads, Intel Xeon family 6 model 207, `examples/kernel_times`: forward 16→32 at 32×32
+//! 2.6 → 1.35 ms, 32→64 at 16×16 2.2 → 1.6 ms; input gradient 16→32 3.5 → 1.7 ms; weight
+//! gradient 16→32 2.6 → 2.35 ms).
 //!
 //! # One summation order on every machine
 //! Both instruction sets add every output's terms in the same order, so the direct kernels give
 //! the same bits on an AVX-512 and an AVX2 machine (sweeps split over machines, resumed runs and
 //! multi-process runs rely on it). Which convolutions run here is decided by the geometry alone
-//! ([`handles`], [`handles_weight_gradient`]), the same on both. The rest (stride 2, weight
-//! gradients of planes under 16 wide, and everything on the portable path) is im2col + the `gemm`
+//! ([`handles`], [`handles_phase_input_gradient`], [`handles_weight_gradient`]), the same on
+//! both. The rest (weight gradients of output planes under 16 wide, other strides, and
+//! everything on the portable path) is im2col + the `gemm`
 //! crate, whose microkernel and depth blocking are its own choice per CPU (see `gemm.rs`): that
 //! part has not been compared across machines. Tile shapes and cache blocking decide only *when*
 //! a term is added, never *where* in its sum:
 //! - **Forward**: `y[o, g] = fma(x′[c, g + tap], w[o, c, tap], …)`, one fused multiply-add per
 //!   term, starting from zero, channels outermost and taps in row-major order within a channel
-//!   (`c·k² + tap`, the im2col row order).
+//!   (`c·k² + tap`, the im2col row order). The stride-2 input gradient follows the same rule
+//!   with its phase's taps ([`phases`]).
 //! - **Weight gradient** (per chunk of images, see `REDUCTION_CHUNK`): sixteen lane sums per
 //!   weight, lane `l` taking grid positions `≡ l (mod 16)` of every image in turn, one fused
 //!   multiply-add per term; then the lanes folded in halves (`l + 8` onto `l`, then `+ 4`,
@@ -47,6 +57,9 @@ use super::geometry::ConvGeometry;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod phases;
+
+pub use phases::{PhaseScratch, PhaseWeights, input_gradient_image};
 
 /// Output channels the packed weights are padded to a multiple of: the AVX-512 tile's width, and
 /// room for the AVX2 tiles' one channel past an odd count.
@@ -79,12 +92,6 @@ impl Isa {
         }
     }
 
-    /// How this instruction set's forward tiles lay their vectors on an image of geometry `g`
-    /// (see [`Positions`]).
-    fn positions(self, g: &ConvGeometry) -> Positions {
-        self.0.positions(g)
-    }
-
     /// Every instruction set this CPU can run (whatever the chosen path), for the tests.
     pub fn available() -> Vec<Self> {
         let features = cpu::cpu().features;
@@ -100,13 +107,14 @@ impl Isa {
 }
 
 impl Kind {
-    /// See [`Isa::positions`] (a question about the tiles, not the CPU, so the tests can ask it
-    /// of an instruction set the CPU lacks).
-    fn positions(self, g: &ConvGeometry) -> Positions {
+    /// How this instruction set's forward tiles lay their vectors on output rows `width` wide
+    /// (see [`Positions`]; a question about the tiles, not the CPU, so the tests can ask it of
+    /// an instruction set the CPU lacks).
+    fn positions(self, width: usize) -> Positions {
         match self {
-            Kind::Avx512 if g.width.is_multiple_of(AVX512_WIDTH) => Positions::Rows,
+            Kind::Avx512 if width.is_multiple_of(AVX512_WIDTH) => Positions::Rows,
             Kind::Avx512 => Positions::Masked,
-            Kind::Avx2 if g.width.is_multiple_of(AVX2_WIDTH) => Positions::Rows,
+            Kind::Avx2 if width.is_multiple_of(AVX2_WIDTH) => Positions::Rows,
             Kind::Avx2 => Positions::Grid,
         }
     }
@@ -136,9 +144,26 @@ enum Positions {
     Masked,
 }
 
-/// Whether `g` is a geometry the direct kernel handles (stride 1, odd "same" kernel).
+/// Whether `g` is a geometry the direct kernel's forward pass handles: stride 1 with an odd
+/// "same" kernel, or a [`phase_split`] stride-2 convolution.
 pub fn fits(g: &ConvGeometry) -> bool {
-    g.stride == 1 && g.kernel % 2 == 1 && 2 * g.padding == g.kernel - 1 && g.in_channels > 0
+    g.in_channels > 0
+        && ((g.stride == 1 && g.kernel % 2 == 1 && 2 * g.padding == g.kernel - 1) || phase_split(g))
+}
+
+/// Whether `g` is a 3×3, padding-1, stride-2 convolution on an even-sided input (a ResNet's
+/// downsampling convolution), which the direct kernel runs on the input split into its four
+/// *phase planes*: the pixels `(2i + qh, 2j + qw)` for each phase `(qh, qw)`. Every tap of
+/// such a convolution reads one phase plane, shifted by at most one pixel up or left (see
+/// [`Layout::taps`]), so on zero-padded phase planes it is a direct convolution with the taps
+/// spread over four planes, computed like a stride-1 one (on an output grid a column wider than
+/// the output, `out_w + 1`).
+fn phase_split(g: &ConvGeometry) -> bool {
+    g.stride == 2
+        && g.kernel == 3
+        && g.padding == 1
+        && g.height.is_multiple_of(2)
+        && g.width.is_multiple_of(2)
 }
 
 /// Whether this process runs the direct kernel for `g`: a geometry it handles, on a kernel path
@@ -159,13 +184,26 @@ impl PackedWeights {
     /// # Shapes
     /// - `weight`: `[out, in, k, k]`
     pub fn new(g: &ConvGeometry, weight: &[f32]) -> Self {
-        let (out, cin, taps) = (g.out_channels, g.in_channels, g.kernel * g.kernel);
+        let (cin, taps) = (g.in_channels, g.kernel * g.kernel);
+        Self::from_fn(cin, taps, g.out_channels, |c, t, o| {
+            weight[(o * cin + c) * taps + t]
+        })
+    }
+
+    /// `[channels, taps, out′]` packed weights with `w(c, t, o)` at input channel `c`, tap `t`,
+    /// output channel `o`.
+    fn from_fn(
+        channels: usize,
+        taps: usize,
+        out: usize,
+        w: impl Fn(usize, usize, usize) -> f32,
+    ) -> Self {
         let out_padded = out.div_ceil(OUT_BLOCK) * OUT_BLOCK;
-        let mut data = vec![0.0; cin * taps * out_padded];
-        for o in 0..out {
-            for c in 0..cin {
-                for t in 0..taps {
-                    data[(c * taps + t) * out_padded + o] = weight[(o * cin + c) * taps + t];
+        let mut data = vec![0.0; channels * taps * out_padded];
+        for c in 0..channels {
+            for t in 0..taps {
+                for o in 0..out {
+                    data[(c * taps + t) * out_padded + o] = w(c, t, o);
                 }
             }
         }
@@ -196,6 +234,25 @@ fn copy_row(isa: Isa, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     }
 }
 
+/// `even[j] = src[2j]`, `odd[j] = src[2j + 1]`: one input row split into two phase-plane rows.
+fn deinterleave_row(isa: Isa, src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    assert!(
+        src.len() == 2 * even.len() && even.len() == odd.len(),
+        "deinterleave_row: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa.0 == Kind::Avx512 {
+        // SAFETY: the CPU has AVX-512 (an `Isa` exists only then); lengths asserted above.
+        unsafe { avx512::deinterleave_row(src, even, odd) };
+        return;
+    }
+    let _ = isa;
+    for ((pair, e), o) in src.chunks_exact(2).zip(even).zip(odd) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+}
+
 /// `floats` as slots to write (every `f32` is a valid `MaybeUninit<f32>`; only initialized
 /// values are written through it).
 fn as_slots(floats: &mut [f32]) -> &mut [MaybeUninit<f32>] {
@@ -213,51 +270,54 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(isa: Isa, g: &ConvGeometry) -> Self {
+    pub fn new(g: &ConvGeometry) -> Self {
         let l = Layout::new(g);
         Self {
             // Zeroed once: only the interiors are ever written.
             padded: vec![0.0; l.padded_len(g)],
-            out_grid: if isa.positions(g) == Positions::Grid {
-                vec![0.0; out_grid_len(g, &l)]
-            } else {
-                Vec::new()
-            },
+            // Sized by `convolve` when the tiles need it (`Positions::Grid`).
+            out_grid: Vec::new(),
             taps: l.taps(g),
         }
     }
 }
 
-/// Floats of an output grid: the output channels × the grid (a tile never stores the channel it
-/// may compute past an odd count).
-fn out_grid_len(g: &ConvGeometry, l: &Layout) -> usize {
-    g.out_channels * l.grid
-}
-
-/// Sizes of the padded-width layout of one geometry.
+/// Sizes of the padded-width layout of one geometry. At stride 1 an input channel is one
+/// padded plane, `(h + k − 1) × (w + k − 1)`; split into phases ([`phase_split`]) it is four
+/// phase planes of `(out_h + 1) × (out_w + 1)`, each with one zero row on top and one zero column
+/// on the left (the taps reach one pixel up and left of a phase plane, never down or right).
 struct Layout {
-    /// Padded width `w′`.
+    /// Padded width `w′`: grid positions per output row, and floats per row of a padded plane.
     row: usize,
-    /// Padded plane, `h′ · w′`.
+    /// Floats from one input channel to the next: a padded plane, or four phase planes.
     plane: usize,
-    /// Grid positions computed, `h · w′` rounded up to [`LANES`].
+    /// Floats per phase plane (the whole `plane` at stride 1).
+    phase: usize,
+    /// Grid positions computed, `out_h · w′` rounded up to [`LANES`].
     grid: usize,
 }
 
 impl Layout {
     fn new(g: &ConvGeometry) -> Self {
-        let row = g.width + 2 * g.padding;
+        let (row, phase, phases) = if phase_split(g) {
+            let row = g.out_width() + 1;
+            (row, (g.out_height() + 1) * row, 4)
+        } else {
+            let row = g.width + 2 * g.padding;
+            (row, (g.height + 2 * g.padding) * row, 1)
+        };
         Self {
             row,
-            plane: (g.height + 2 * g.padding) * row,
-            grid: (g.height * row).div_ceil(LANES) * LANES,
+            plane: phases * phase,
+            phase,
+            grid: (g.out_height() * row).div_ceil(LANES) * LANES,
         }
     }
 
     /// Floats of one image's padded planes, with the slack the last channel's last vector reads
     /// past its plane (`farthest_tap + grid` floats from the plane's start).
     fn padded_len(&self, g: &ConvGeometry) -> usize {
-        let farthest_tap = (g.kernel - 1) * (self.row + 1);
+        let farthest_tap = self.taps(g).into_iter().max().unwrap_or(0);
         (g.in_channels - 1) * self.plane + farthest_tap + self.grid
     }
 
@@ -272,10 +332,23 @@ impl Layout {
     }
 
     /// Copies an image `[in, h, w]` into the interiors of its padded planes in `dst` (whose
-    /// borders and slack are zero and stay so).
+    /// borders and slack are zero and stay so), or of its phase planes ([`phase_split`]).
     fn pad(&self, isa: Isa, g: &ConvGeometry, x: &[f32], dst: &mut [f32]) {
         let (w, p) = (g.width, g.padding);
-        for (src, plane) in x.chunks_exact(g.height * w).zip(dst.chunks_mut(self.plane)) {
+        let channels = x.chunks_exact(g.height * w).zip(dst.chunks_mut(self.plane));
+        if phase_split(g) {
+            let ow = g.out_width();
+            for (src, planes) in channels {
+                // Input row 2i + qh goes to row i + 1 of phases (qh, 0) and (qh, 1), from col 1.
+                for (r, src_row) in src.chunks_exact(w).enumerate() {
+                    let at = (r % 2) * 2 * self.phase + (r / 2 + 1) * self.row + 1;
+                    let (even, odd) = planes[at..].split_at_mut(self.phase);
+                    deinterleave_row(isa, src_row, &mut even[..ow], &mut odd[..ow]);
+                }
+            }
+            return;
+        }
+        for (src, plane) in channels {
             for (r, src_row) in src.chunks_exact(w).enumerate() {
                 copy_row(
                     isa,
@@ -286,32 +359,42 @@ impl Layout {
         }
     }
 
-    /// Writes an output gradient `[out, h, w]` onto the grid rows in `dst` (whose dropped
-    /// columns and tail are zero and stay so).
+    /// Writes an output gradient `[out, out_h, out_w]` onto the grid rows in `dst` (whose
+    /// dropped columns and tail are zero and stay so).
     fn lay_on_grid(&self, isa: Isa, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
-        let w = g.width;
-        for (src, grid) in dy.chunks_exact(g.height * w).zip(dst.chunks_mut(self.grid)) {
+        let w = g.out_width();
+        for (src, grid) in dy
+            .chunks_exact(g.out_plane())
+            .zip(dst.chunks_mut(self.grid))
+        {
             for (r, src_row) in src.chunks_exact(w).enumerate() {
                 copy_row(isa, src_row, as_slots(&mut grid[r * self.row..][..w]));
             }
         }
     }
 
-    /// Copies an output `[out, grid]` on the grid (`src`) to `y` (`[out, h, w]`), dropping the
-    /// columns past `w` and the tail.
-    fn ungrid(&self, isa: Isa, g: &ConvGeometry, src: &[f32], y: &mut [MaybeUninit<f32>]) {
-        let w = g.width;
-        for (grid, plane) in src.chunks(self.grid).zip(y.chunks_exact_mut(g.height * w)) {
-            for (r, row) in plane.chunks_exact_mut(w).enumerate() {
-                copy_row(isa, &grid[r * self.row..][..w], row);
-            }
-        }
-    }
-
-    /// Offset of tap `(ki, kj)` from a grid position, in the padded plane.
+    /// Offset of tap `(ki, kj)` from a grid position, in an input channel's padded plane (or
+    /// phase planes). Split into phases, tap `(ki, kj)` reads input pixel `(2·oh + ki − 1,
+    /// 2·ow + kj − 1)`: with `y = ki − 1`, phase row `qh = y mod 2`, and a shift of `⌊y/2⌋ ∈
+    /// {−1, 0}` rows (the same for columns), which the phase plane's zero top row (left column)
+    /// absorbs.
     fn taps(&self, g: &ConvGeometry) -> Vec<usize> {
-        (0..g.kernel * g.kernel)
-            .map(|t| (t / g.kernel) * self.row + t % g.kernel)
+        let k = g.kernel;
+        (0..k * k)
+            .map(|t| {
+                let (ki, kj) = (t / k, t % k);
+                if phase_split(g) {
+                    let (y, x) = (ki as isize - 1, kj as isize - 1);
+                    let phase = (y.rem_euclid(2) * 2 + x.rem_euclid(2)) as usize;
+                    let (dy, dx) = (
+                        (y.div_euclid(2) + 1) as usize,
+                        (x.div_euclid(2) + 1) as usize,
+                    );
+                    phase * self.phase + dy * self.row + dx
+                } else {
+                    ki * self.row + kj
+                }
+            })
             .collect()
     }
 }
@@ -322,8 +405,11 @@ struct Tile<'a> {
     input: *const f32,
     plane: usize,
     channels: usize,
-    /// Offsets of the taps in a padded plane.
+    /// Offsets of the taps in a padded plane (or phase planes).
     taps: &'a [usize],
+    /// Whether the taps are a 3×3 square on one padded plane, `ki·row + kj` (stride 1).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    square_3x3: bool,
     /// The packed weights ([`PackedWeights`]) and their padded output count.
     weights: *const f32,
     out_padded: usize,
@@ -409,55 +495,129 @@ pub fn forward_image(
     assert!(fits(g), "direct convolution: unsupported geometry {g:?}");
     let l = Layout::new(g);
     assert_eq!(x.len(), g.in_len(), "direct convolution: input length");
-    assert_eq!(y.len(), g.out_len(), "direct convolution: output length");
-    assert!(
-        weights.out_padded == g.out_channels.div_ceil(OUT_BLOCK) * OUT_BLOCK
-            && weights.data.len() == g.in_channels * g.kernel * g.kernel * weights.out_padded,
-        "direct convolution: weights packed for another geometry"
-    );
     l.pad(isa, g, x, &mut scratch.padded);
-    let taps = &scratch.taps;
-    // The taps follow from the kernel and the row length alone.
+    // The taps follow from the geometry alone.
     assert!(
-        taps.len() == g.kernel * g.kernel && taps[taps.len() - 1] == (g.kernel - 1) * (l.row + 1),
+        scratch.taps == l.taps(g),
         "direct convolution: scratch made for another geometry"
     );
-    assert!(
-        scratch.padded.len() >= (g.in_channels - 1) * l.plane + taps[taps.len() - 1] + l.grid,
-        "direct convolution: padded buffer"
-    );
-    let positions = isa.positions(g);
-    let on_grid = positions == Positions::Grid;
-    assert!(
-        !on_grid || scratch.out_grid.len() >= out_grid_len(g, &l),
-        "direct convolution: output grid"
-    );
-    let (output, out_stride) = if on_grid {
-        (scratch.out_grid.as_mut_ptr(), l.grid)
-    } else {
-        (y.as_mut_ptr().cast(), g.height * g.width)
-    };
-    let tile = Tile {
-        input: scratch.padded.as_ptr(),
+    let source = Source {
+        input: &scratch.padded,
         plane: l.plane,
         channels: g.in_channels,
-        taps,
-        weights: weights.data.as_ptr(),
-        out_padded: weights.out_padded,
-        output,
-        out_stride,
-        out_channels: g.out_channels,
-        positions,
-        height: g.height,
-        width: g.width,
+        taps: &scratch.taps,
+        square_3x3: g.kernel == 3 && !phase_split(g),
+        weights,
         row: l.row,
         grid: l.grid,
     };
-    // SAFETY: the CPU has `isa` (see `copy_row`). The tiles read `padded` at most
-    // `(in − 1)·plane + farthest_tap + grid` floats in (asserted above) and the packed weights
-    // within their asserted length. They write each of `y`'s `out · h · w` elements once
-    // (asserted length): through `Tile::runs`, as whole vectors in output rows (`Rows`: the
-    // width a multiple of the vector), or to the output grid (asserted length).
+    let out = Plane {
+        channels: g.out_channels,
+        height: g.out_height(),
+        width: g.out_width(),
+    };
+    convolve(isa, &source, out, &mut scratch.out_grid, y);
+}
+
+/// What the tiles of one image read: prepared input planes, the taps' offsets in them, and
+/// the packed weights.
+struct Source<'a> {
+    /// Input planes, `plane` floats apart, with slack for the last vector of the farthest tap.
+    input: &'a [f32],
+    plane: usize,
+    channels: usize,
+    taps: &'a [usize],
+    /// See [`Tile::square_3x3`].
+    square_3x3: bool,
+    weights: &'a PackedWeights,
+    /// Grid positions per output row, and output positions computed (see [`Layout`]).
+    row: usize,
+    grid: usize,
+}
+
+/// The shape of an output image, `[channels, height, width]`.
+#[derive(Clone, Copy)]
+struct Plane {
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+/// Runs the register tiles of one image: `y[o, ·] = Σ_{c, t} w[c, t, o] · input[c, · +
+/// taps[t]]` in the module's sum order, written in full to `y` (`[channels, height, width]` of
+/// `out`), straight or, with [`Positions::Grid`], through `out_grid`.
+fn convolve(
+    isa: Isa,
+    src: &Source,
+    out: Plane,
+    out_grid: &mut Vec<f32>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let Plane {
+        channels,
+        height,
+        width,
+    } = out;
+    let farthest_tap = src.taps.iter().copied().max().unwrap_or(0);
+    assert!(
+        src.channels > 0
+            && src.input.len() >= (src.channels - 1) * src.plane + farthest_tap + src.grid
+            && src.grid >= height * src.row
+            && src.grid.is_multiple_of(LANES)
+            && src.row >= width,
+        "direct convolution: input planes"
+    );
+    assert!(
+        !src.square_3x3
+            || src
+                .taps
+                .iter()
+                .enumerate()
+                .all(|(t, &at)| at == t / 3 * src.row + t % 3),
+        "direct convolution: taps of a 3×3 square"
+    );
+    assert!(
+        src.weights.out_padded == channels.div_ceil(OUT_BLOCK) * OUT_BLOCK
+            && src.weights.data.len() == src.channels * src.taps.len() * src.weights.out_padded,
+        "direct convolution: weights packed for another geometry"
+    );
+    assert_eq!(
+        y.len(),
+        channels * height * width,
+        "direct convolution: output length"
+    );
+    let positions = isa.0.positions(width);
+    let on_grid = positions == Positions::Grid;
+    if on_grid && out_grid.len() < channels * src.grid {
+        out_grid.resize(channels * src.grid, 0.0);
+    }
+    let (output, out_stride) = if on_grid {
+        (out_grid.as_mut_ptr(), src.grid)
+    } else {
+        (y.as_mut_ptr().cast(), height * width)
+    };
+    let tile = Tile {
+        input: src.input.as_ptr(),
+        plane: src.plane,
+        channels: src.channels,
+        taps: src.taps,
+        square_3x3: src.square_3x3,
+        weights: src.weights.data.as_ptr(),
+        out_padded: src.weights.out_padded,
+        output,
+        out_stride,
+        out_channels: channels,
+        positions,
+        height,
+        width,
+        row: src.row,
+        grid: src.grid,
+    };
+    // SAFETY: the CPU has `isa` (see `copy_row`). The tiles read the input planes at most
+    // `(channels − 1)·plane + farthest_tap + grid` floats in (asserted above) and the packed
+    // weights within their asserted length. They write each of `y`'s elements once (asserted
+    // length): through `Tile::runs`, as whole vectors in output rows (`Rows`: the width a
+    // multiple of the vector), or to the output grid (at least `channels · grid` floats).
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match isa.0 {
@@ -471,8 +631,23 @@ pub fn forward_image(
         unreachable!("an Isa exists only on x86-64");
     }
     if on_grid {
-        l.ungrid(isa, g, &scratch.out_grid, y);
+        // Drop the columns past `width` and the tail.
+        for (grid, plane) in out_grid
+            .chunks(src.grid)
+            .zip(y.chunks_exact_mut(height * width))
+        {
+            for (r, row) in plane.chunks_exact_mut(width).enumerate() {
+                copy_row(isa, &grid[r * src.row..][..width], row);
+            }
+        }
     }
+}
+
+/// Whether this process computes the input gradient of `g` with [`input_gradient_image`]: a
+/// [`phase_split`] convolution on a path with a direct kernel. (The input gradient of a
+/// stride-1 convolution is a stride-1 convolution, run by [`forward_image`].)
+pub fn handles_phase_input_gradient(g: &ConvGeometry) -> bool {
+    phases::handles(g) && Isa::chosen().is_some()
 }
 
 /// Whether [`weight_gradient`] handles `g`: a geometry the direct kernel fits, with a 3×3
@@ -482,7 +657,7 @@ pub fn forward_image(
 /// vs 7.6 ms; at 32×32 and 16×16 the direct kernel is 5–13 % faster). The rule is the same on
 /// every instruction set, so every machine takes the same path (and sum order).
 pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
-    handles(g) && g.kernel == 3 && g.width >= 16
+    handles(g) && g.kernel == 3 && g.out_width() >= 16
 }
 
 /// Lane sums of one block of the weight gradient's lane-sum buffer: 2 output channels × 9 taps

@@ -14,45 +14,25 @@ fn padded_pixel(g: &ConvGeometry, x: &[f32], c: usize, r: usize, col: usize) -> 
     }
 }
 
-/// Padded-plane value at grid position `pos` plus tap offset `(ki, kj)`, zero past the last
-/// row. The kernel reads the zero slack there (last channel) or the next plane's zero top row
-/// (the overrun is less than a vector, within that row when the plane is at least 16 wide);
-/// either way those reads meet a zero output gradient (grid tail), so only the zero matters.
-fn padded_at(
-    g: &ConvGeometry,
-    l: &Layout,
-    x: &[f32],
-    c: usize,
-    pos: usize,
-    ki: usize,
-    kj: usize,
-) -> f32 {
-    let at = pos + ki * l.row + kj;
-    let (r, col) = (at / l.row, at % l.row);
-    if r >= g.height + 2 * g.padding {
-        0.0
-    } else {
-        padded_pixel(g, x, c, r, col)
-    }
-}
-
-/// The forward order: per output, one fused multiply-add per term from zero, channels then taps.
+/// The forward order: per output, one fused multiply-add per term from zero, channels then taps
+/// (any stride).
 fn reference_forward(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
     let k = g.kernel;
     let mut y = vec![0.0; g.batch * g.out_len()];
     for n in 0..g.batch {
         let xn = &x[n * g.in_len()..][..g.in_len()];
         for o in 0..g.out_channels {
-            for r in 0..g.height {
-                for col in 0..g.width {
+            for r in 0..g.out_height() {
+                for col in 0..g.out_width() {
                     let mut acc = 0.0f32;
                     for c in 0..g.in_channels {
                         for t in 0..k * k {
-                            let v = padded_pixel(g, xn, c, r + t / k, col + t % k);
+                            let (pr, pc) = (r * g.stride + t / k, col * g.stride + t % k);
+                            let v = padded_pixel(g, xn, c, pr, pc);
                             acc = v.mul_add(w[(o * g.in_channels + c) * k * k + t], acc);
                         }
                     }
-                    y[((n * g.out_channels + o) * g.height + r) * g.width + col] = acc;
+                    y[((n * g.out_channels + o) * g.out_height() + r) * g.out_width() + col] = acc;
                 }
             }
         }
@@ -61,7 +41,7 @@ fn reference_forward(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 /// The weight-gradient order: per chunk, sixteen lane sums over (image, grid position) with
-/// fused multiply-adds, folded in halves; chunks added in order.
+/// fused multiply-adds, folded in halves; chunks added in order (any stride).
 fn reference_weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32], chunk: usize) -> Vec<f32> {
     let l = Layout::new(g);
     let size = g.out_channels * g.in_channels * 9;
@@ -76,12 +56,18 @@ fn reference_weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32], chunk: usi
                         let xn = &x[n * g.in_len()..][..g.in_len()];
                         for pos in 0..l.grid {
                             let (r, col) = (pos / l.row, pos % l.row);
-                            let d = if r < g.height && col < g.width {
-                                dy[((n * g.out_channels + o) * g.height + r) * g.width + col]
-                            } else {
-                                0.0
-                            };
-                            let v = padded_at(g, &l, xn, c, pos, t / 3, t % 3);
+                            // The kernel's other grid positions (dropped columns, the tail)
+                            // multiply a zero output gradient with a finite input: adding that
+                            // zero leaves a lane sum's bits as they are (a lane sum is never
+                            // −0: it starts at +0, and a sum is −0 only of two −0s).
+                            if r >= g.out_height() || col >= g.out_width() {
+                                continue;
+                            }
+                            let d = dy[((n * g.out_channels + o) * g.out_height() + r)
+                                * g.out_width()
+                                + col];
+                            let (pr, pc) = (r * g.stride + t / 3, col * g.stride + t % 3);
+                            let v = padded_pixel(g, xn, c, pr, pc);
                             lanes[pos % LANES] = d.mul_add(v, lanes[pos % LANES]);
                         }
                     }
@@ -121,6 +107,14 @@ fn geometry(
     }
 }
 
+/// A 3×3, padding-1, stride-2 geometry (the direct kernel's phase planes).
+fn strided(batch: usize, cin: usize, out: usize, h: usize, w: usize) -> ConvGeometry {
+    ConvGeometry {
+        stride: 2,
+        ..geometry(batch, cin, out, h, w, 3)
+    }
+}
+
 /// The instruction sets this CPU has; a CPU with none is said so on stderr (the bit tests then
 /// have nothing to compare, and the im2col path is what runs there).
 fn tested_isas() -> Vec<Isa> {
@@ -152,13 +146,21 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         // AVX-512 rows: runs of three vectors across rows, a partial block of channels.
         geometry(2, 3, 9, 5, 16, 3),
         geometry(2, 2, 5, 3, 48, 3), // three vectors a row
+        // Stride 2 on phase planes: 16-wide output rows, 8-wide, and a masked/grid width.
+        strided(2, 3, 9, 32, 32),
+        strided(2, 5, 6, 16, 16),
+        strided(3, 2, 3, 6, 10),
+        strided(1, 1, 1, 2, 2),
     ];
     // On each instruction set these take both ways of laying out the tile's vectors.
-    let layouts: Vec<Positions> = geometries.iter().map(|g| Kind::Avx2.positions(g)).collect();
+    let layouts: Vec<Positions> = geometries
+        .iter()
+        .map(|g| Kind::Avx2.positions(g.out_width()))
+        .collect();
     assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Grid));
     let layouts: Vec<Positions> = geometries
         .iter()
-        .map(|g| Kind::Avx512.positions(g))
+        .map(|g| Kind::Avx512.positions(g.out_width()))
         .collect();
     assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Masked));
     for g in geometries {
@@ -167,7 +169,7 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         let want = bits(&reference_forward(&g, &x, &w));
         for isa in tested_isas() {
             let packed = PackedWeights::new(&g, &w);
-            let mut scratch = Scratch::new(isa, &g);
+            let mut scratch = Scratch::new(&g);
             let mut y = Vec::with_capacity(g.batch * g.out_len());
             for xi in x.chunks(g.in_len()) {
                 // Each image in its own buffer with a guard past its end: a store beyond the
@@ -195,8 +197,14 @@ fn every_instruction_set_gives_the_reference_weight_gradient_bits() {
         geometry(3, 2, 3, 16, 16, 3),  // AVX2: a pair of tiles reading the zero padding channel
         geometry(17, 2, 4, 16, 18, 3), // past a chunk of 16
         geometry(5, 16, 16, 32, 32, 3),
+        strided(3, 16, 32, 32, 32), // phase planes: a ResNet's first downsampling
+        strided(17, 3, 5, 32, 34),  // odd output channels, past a chunk
     ];
     for g in geometries {
+        assert!(
+            handles_weight_gradient(&g) || Isa::chosen().is_none(),
+            "{g:?}"
+        );
         let x = values(g.batch * g.in_len(), 3);
         let dy = values(g.batch * g.out_len(), 4);
         let want = bits(&reference_weight_gradient(&g, &x, &dy, 16));
@@ -243,4 +251,86 @@ fn the_instruction_sets_tested_are_the_ones_the_cpu_has() {
     assert_eq!(available.contains(&Isa(Kind::Avx512)), avx512);
     // The chosen one (if any) is among them.
     assert!(Isa::chosen().is_none_or(|isa| available.contains(&isa)));
+}
+
+/// The input gradient of a stride-2 convolution in the phase planes' order: per element, output
+/// channels, then the taps of the element's phase in row-major order, one fused multiply-add
+/// each from zero; then `plus` added.
+fn reference_phase_input_gradient(
+    g: &ConvGeometry,
+    dy: &[f32],
+    w: &[f32],
+    plus: Option<&[f32]>,
+) -> Vec<f32> {
+    let (oh, ow, cin) = (g.out_height(), g.out_width(), g.in_channels);
+    let mut dx = vec![0.0; g.batch * g.in_len()];
+    for n in 0..g.batch {
+        for c in 0..cin {
+            for r in 0..g.height {
+                for col in 0..g.width {
+                    let mut acc = 0.0f32;
+                    for o in 0..g.out_channels {
+                        for t in 0..9 {
+                            let (ki, kj) = (t / 3, t % 3);
+                            // Tap (ki, kj) of output (a, b) reads pixel (2a + ki − 1, 2b + kj − 1).
+                            let (a2, b2) = (r + 1, col + 1);
+                            if (a2 - ki) % 2 != 0 || (b2 - kj) % 2 != 0 || a2 < ki || b2 < kj {
+                                continue;
+                            }
+                            let (a, b) = ((a2 - ki) / 2, (b2 - kj) / 2);
+                            let v = if a < oh && b < ow {
+                                dy[((n * g.out_channels + o) * oh + a) * ow + b]
+                            } else {
+                                0.0
+                            };
+                            acc = v.mul_add(w[(o * cin + c) * 9 + t], acc);
+                        }
+                    }
+                    let at = ((n * cin + c) * g.height + r) * g.width + col;
+                    dx[at] = plus.map_or(acc, |p| acc + p[at]);
+                }
+            }
+        }
+    }
+    dx
+}
+
+#[test]
+fn every_instruction_set_gives_the_reference_phase_input_gradient_bits() {
+    let geometries = [
+        strided(2, 3, 9, 32, 32), // 16-wide rows
+        strided(2, 16, 32, 32, 32),
+        strided(2, 5, 6, 16, 16), // 8-wide rows: masked on AVX-512
+        strided(3, 2, 3, 6, 10),  // the grid on AVX2
+        strided(1, 1, 1, 2, 2),
+    ];
+    for g in geometries {
+        assert!(phases::handles(&g));
+        let dy = values(g.batch * g.out_len(), 5);
+        let w = values(g.out_channels * g.in_channels * 9, 6);
+        let other = values(g.batch * g.in_len(), 7);
+        for plus in [None, Some(&other[..])] {
+            let want = bits(&reference_phase_input_gradient(&g, &dy, &w, plus));
+            for isa in tested_isas() {
+                let weights = PhaseWeights::new(&g, &w);
+                let mut scratch = PhaseScratch::new(&g);
+                let mut dx = Vec::with_capacity(g.batch * g.in_len());
+                for (n, dyi) in dy.chunks(g.out_len()).enumerate() {
+                    let guard = 64;
+                    let mut dxi = vec![MaybeUninit::new(f32::NAN); g.in_len() + guard];
+                    let p = plus.map(|p| &p[n * g.in_len()..][..g.in_len()]);
+                    let image = &mut dxi[..g.in_len()];
+                    input_gradient_image(isa, &g, dyi, &weights, &mut scratch, p, image);
+                    // SAFETY: initialized above (and overwritten by the kernel).
+                    let dxi: Vec<f32> = dxi.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    assert!(
+                        dxi[g.in_len()..].iter().all(|v| v.is_nan()),
+                        "{isa:?} {g:?}: a store past the image"
+                    );
+                    dx.extend_from_slice(&dxi[..g.in_len()]);
+                }
+                assert_eq!(bits(&dx), want, "{isa:?} {g:?}, plus: {}", plus.is_some());
+            }
+        }
+    }
 }
