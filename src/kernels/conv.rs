@@ -425,7 +425,7 @@ fn forward_direct(
             .enumerate()
             // One scratch per rayon job, shared by the tasks it runs (not one per task).
             .for_each_init(
-                || direct::Scratch::new(g),
+                || direct::Scratch::new(isa, g),
                 |scratch, (task, (ys, xs))| {
                     for (i, (yi, xi)) in ys
                         .chunks_mut(g.out_len())
@@ -786,6 +786,7 @@ mod tests {
             g(3, 3, 5, 16, 3, 1, 1),  // direct weight gradient, odd output channels
             g(17, 8, 3, 32, 3, 1, 1), // direct: batch past a reduction chunk
             g(2, 3, 5, 32, 3, 2, 1),  // stride 2, direct on phase planes: 16-wide output rows
+            g(2, 3, 5, 8, 3, 1, 1),   // AVX-512: pairs of 8-wide rows
         ]
     }
 

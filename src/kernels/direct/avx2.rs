@@ -100,6 +100,10 @@ fn tile_channels(left: usize) -> usize {
 pub(super) unsafe fn run_tiles(tile: &Tile) {
     let vectors = tile.vectors(WIDTH);
     assert!(
+        tile.positions != Positions::Pairs,
+        "direct convolution: pairs of rows are AVX-512's"
+    );
+    assert!(
         tile.positions == Positions::Rows || vectors.is_multiple_of(VECTORS),
         "direct convolution: the grid is a multiple of 16 (pairs of vectors)"
     );

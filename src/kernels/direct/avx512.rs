@@ -113,22 +113,28 @@ pub(super) unsafe fn interleave_row(
 #[target_feature(enable = "avx512f,avx512vl")]
 pub(super) unsafe fn run_tiles(tile: &Tile) {
     let vectors = tile.vectors(LANES);
+    // Runs as even as they can be (16 vectors: 3, 3, 3, 3, 2, 2, not 3 × 5 + 1): a run of one
+    // vector has 8 accumulators, too few chains to hide the FMA latency.
+    let runs = vectors.div_ceil(MAX_VECTORS);
     let mut v = 0;
-    while v < vectors {
-        let nv = (vectors - v).min(MAX_VECTORS);
+    for run in 0..runs {
+        let nv = (vectors - v).div_ceil(runs - run);
         // (input, output) offsets of the run's vectors (the unused ones repeat the last).
         let at: [(usize, usize); MAX_VECTORS] =
             std::array::from_fn(|i| tile.vector((v + i).min(vectors - 1), LANES));
         for o in (0..tile.out_channels).step_by(CHANNELS) {
             // SAFETY: `o + CHANNELS ≤ out_padded`; the vectors lie in the image.
             unsafe {
-                match (nv, tile.positions == Positions::Rows) {
-                    (3, true) => forward_tile::<3, true>(tile, &at, o),
-                    (2, true) => forward_tile::<2, true>(tile, &at, o),
-                    (_, true) => forward_tile::<1, true>(tile, &at, o),
-                    (3, false) => forward_tile::<3, false>(tile, &at, o),
-                    (2, false) => forward_tile::<2, false>(tile, &at, o),
-                    (_, false) => forward_tile::<1, false>(tile, &at, o),
+                match (nv, tile.positions) {
+                    (3, Positions::Rows) => forward_tile::<3, true, false>(tile, &at, o),
+                    (2, Positions::Rows) => forward_tile::<2, true, false>(tile, &at, o),
+                    (_, Positions::Rows) => forward_tile::<1, true, false>(tile, &at, o),
+                    (3, Positions::Pairs) => forward_tile::<3, true, true>(tile, &at, o),
+                    (2, Positions::Pairs) => forward_tile::<2, true, true>(tile, &at, o),
+                    (_, Positions::Pairs) => forward_tile::<1, true, true>(tile, &at, o),
+                    (3, _) => forward_tile::<3, false, false>(tile, &at, o),
+                    (2, _) => forward_tile::<2, false, false>(tile, &at, o),
+                    (_, _) => forward_tile::<1, false, false>(tile, &at, o),
                 }
             }
         }
@@ -139,28 +145,39 @@ pub(super) unsafe fn run_tiles(tile: &Tile) {
 /// Output channels `o + j`, `j <` [`CHANNELS`], at the 16 positions of each of `NV` vectors,
 /// vector `v` starting at `at[v].0` in the padded input planes (its grid position) and at
 /// `at[v].1` in an output channel: `Σ_{c, t} w[c, t, o + j] · input[c, at[v].0 + taps[t] ..]`,
-/// one FMA per term in `(c, t)` order. `ROWS` ([`Positions::Rows`]): each vector is stored
-/// whole; otherwise its lanes in the image, masked ([`Tile::runs`]). (A constant, not a test
-/// of `tile.positions`: with the test LLVM stored every accumulator to the stack after each
-/// FMA, halving the tile's speed.)
+/// one FMA per term in `(c, t)` order. `ROWS` ([`Positions::Rows`], [`Positions::Pairs`]):
+/// each vector is stored whole; otherwise its lanes in the image, masked ([`Tile::runs`]).
+/// `PAIRS` ([`Positions::Pairs`]): each vector holds two rows of 8, and the taps left and
+/// right of the centre load with the lanes that would wrap around a row masked to zero. (Both
+/// constants, not tests of `tile.positions`: with a test LLVM stored every accumulator to the
+/// stack after each FMA, halving the tile's speed.)
 ///
 /// # Safety
-/// As [`run_tiles`]; `at[..NV]` are `tile.vector(k, 16)` of vectors `k < tile.vectors(16)`, and
-/// `ROWS` is `tile.positions == Positions::Rows`.
+/// As [`run_tiles`]; `at[..NV]` are `tile.vector(k, 16)` of vectors `k < tile.vectors(16)`,
+/// `ROWS` is whether `tile.positions` is `Rows` or `Pairs` and `PAIRS` whether it is `Pairs`
+/// (then with the nine taps of a 3×3 kernel).
 #[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn forward_tile<const NV: usize, const ROWS: bool>(
+unsafe fn forward_tile<const NV: usize, const ROWS: bool, const PAIRS: bool>(
     tile: &Tile,
     at: &[(usize, usize); MAX_VECTORS],
     o: usize,
 ) {
+    // Column 0 of each row (lanes 0, 8) has no left neighbour, column 7 (lanes 7, 15) no right.
+    const PAIR_MASKS: [__mmask16; 3] = [0xFEFE, 0xFFFF, 0x7F7F];
     let mut acc = [[_mm512_setzero_ps(); NV]; CHANNELS];
     for c in 0..tile.channels {
         // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
         let base = unsafe { tile.input.add(c * tile.plane) };
         let wc = unsafe { tile.weights.add(c * tile.taps.len() * tile.out_padded + o) };
         for (t, &offset) in tile.taps.iter().enumerate() {
-            let xs: [__m512; NV] =
-                std::array::from_fn(|v| unsafe { _mm512_loadu_ps(base.add(at[v].0 + offset)) });
+            let xs: [__m512; NV] = std::array::from_fn(|v| unsafe {
+                let at = base.add(at[v].0 + offset);
+                if PAIRS {
+                    _mm512_maskz_loadu_ps(PAIR_MASKS[t % 3], at)
+                } else {
+                    _mm512_loadu_ps(at)
+                }
+            });
             let wt = unsafe { wc.add(t * tile.out_padded) };
             for (j, row) in acc.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(unsafe { *wt.add(j) });

@@ -142,6 +142,11 @@ enum Positions {
     /// Consecutive grid positions stored straight to the output with lane masks (AVX-512 on
     /// other widths, whose `k` masks are cheap).
     Masked,
+    /// Pairs of output rows 8 wide (AVX-512, 3×3 at stride 1 on 8×8 planes, [`Layout::paired`]):
+    /// the input planes have no padding columns, so the 16 inputs of two rows are consecutive;
+    /// the taps reaching left or right of a row load with the lanes that would wrap around
+    /// masked to zero. Stored whole; no column is dropped (a fifth of the grid was at 8×8).
+    Pairs,
 }
 
 /// Whether `g` is a geometry the direct kernel's forward pass handles: stride 1 with an odd
@@ -270,8 +275,8 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(g: &ConvGeometry) -> Self {
-        let l = Layout::new(g);
+    pub fn new(isa: Isa, g: &ConvGeometry) -> Self {
+        let l = Layout::forward(isa, g);
         Self {
             // Zeroed once: only the interiors are ever written.
             padded: vec![0.0; l.padded_len(g)],
@@ -295,9 +300,44 @@ struct Layout {
     phase: usize,
     /// Grid positions computed, `out_h · w′` rounded up to [`LANES`].
     grid: usize,
+    /// Planes without padding columns, for [`Positions::Pairs`] (see [`Layout::paired`]).
+    paired: bool,
 }
 
 impl Layout {
+    /// The layout of the forward tiles of `isa`: [`Layout::paired`] where they take pairs of
+    /// rows, else [`Layout::new`].
+    fn forward(isa: Isa, g: &ConvGeometry) -> Self {
+        if isa.0 == Kind::Avx512
+            && g.stride == 1
+            && g.kernel == 3
+            && g.padding == 1
+            && g.width == AVX512_WIDTH / 2
+            && g.height.is_multiple_of(2)
+        {
+            Self::paired(g)
+        } else {
+            Self::new(g)
+        }
+    }
+
+    /// Planes of a 3×3 stride-1 convolution on 8-wide images with zero rows above and below but
+    /// no padding columns, `(h + 2) · 8` floats after one zero float (and the next plane's lead
+    /// float after it): tap `(ki, kj)` of output position `p = r·8 + col` reads
+    /// `p + ki·8 + kj`, which is the right pixel or, at `col + kj − 1` outside the row, the
+    /// neighbouring row's, masked away by the tile ([`Positions::Pairs`]).
+    fn paired(g: &ConvGeometry) -> Self {
+        let row = g.width;
+        let plane = (g.height + 2) * row + 1;
+        Self {
+            row,
+            plane,
+            phase: plane,
+            grid: g.height * row,
+            paired: true,
+        }
+    }
+
     fn new(g: &ConvGeometry) -> Self {
         let (row, phase, phases) = if phase_split(g) {
             let row = g.out_width() + 1;
@@ -311,6 +351,7 @@ impl Layout {
             plane: phases * phase,
             phase,
             grid: (g.out_height() * row).div_ceil(LANES) * LANES,
+            paired: false,
         }
     }
 
@@ -336,6 +377,12 @@ impl Layout {
     fn pad(&self, isa: Isa, g: &ConvGeometry, x: &[f32], dst: &mut [f32]) {
         let (w, p) = (g.width, g.padding);
         let channels = x.chunks_exact(g.height * w).zip(dst.chunks_mut(self.plane));
+        if self.paired {
+            for (src, plane) in channels {
+                copy_row(isa, src, as_slots(&mut plane[1 + self.row..][..src.len()]));
+            }
+            return;
+        }
         if phase_split(g) {
             let ow = g.out_width();
             for (src, planes) in channels {
@@ -438,7 +485,7 @@ impl Tile<'_> {
                 assert!(self.width.is_multiple_of(lanes), "direct convolution: rows");
                 self.height * self.width / lanes
             }
-            Positions::Grid | Positions::Masked => self.grid / lanes,
+            Positions::Grid | Positions::Masked | Positions::Pairs => self.grid / lanes,
         }
     }
 
@@ -451,7 +498,7 @@ impl Tile<'_> {
                 let per_row = self.width / lanes;
                 ((k / per_row) * self.row + (k % per_row) * lanes, k * lanes)
             }
-            Positions::Grid | Positions::Masked => (k * lanes, k * lanes),
+            Positions::Grid | Positions::Masked | Positions::Pairs => (k * lanes, k * lanes),
         }
     }
 
@@ -493,7 +540,7 @@ pub fn forward_image(
     y: &mut [MaybeUninit<f32>],
 ) {
     assert!(fits(g), "direct convolution: unsupported geometry {g:?}");
-    let l = Layout::new(g);
+    let l = Layout::forward(isa, g);
     assert_eq!(x.len(), g.in_len(), "direct convolution: input length");
     l.pad(isa, g, x, &mut scratch.padded);
     // The taps follow from the geometry alone.
@@ -510,6 +557,7 @@ pub fn forward_image(
         weights,
         row: l.row,
         grid: l.grid,
+        paired: l.paired,
     };
     let out = Plane {
         channels: g.out_channels,
@@ -533,6 +581,8 @@ struct Source<'a> {
     /// Grid positions per output row, and output positions computed (see [`Layout`]).
     row: usize,
     grid: usize,
+    /// Planes without padding columns ([`Layout::paired`]).
+    paired: bool,
 }
 
 /// The shape of an output image, `[channels, height, width]`.
@@ -586,7 +636,20 @@ fn convolve(
         channels * height * width,
         "direct convolution: output length"
     );
-    let positions = isa.0.positions(width);
+    let positions = if src.paired {
+        assert!(
+            isa.0 == Kind::Avx512
+                && width == AVX512_WIDTH / 2
+                && src.row == width
+                && src.grid == height * width
+                && src.taps.len() == 9
+                && src.square_3x3,
+            "direct convolution: pairs of rows are AVX-512's, 3×3 on planes 8 wide"
+        );
+        Positions::Pairs
+    } else {
+        isa.0.positions(width)
+    };
     let on_grid = positions == Positions::Grid;
     if on_grid && out_grid.len() < channels * src.grid {
         out_grid.resize(channels * src.grid, 0.0);

@@ -194,6 +194,7 @@ pub fn input_gradient_image(
             weights: &phase.weights,
             row: l.row,
             grid: l.grid,
+            paired: false,
         };
         convolve(
             isa,

@@ -146,6 +146,11 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         // AVX-512 rows: runs of three vectors across rows, a partial block of channels.
         geometry(2, 3, 9, 5, 16, 3),
         geometry(2, 2, 5, 3, 48, 3), // three vectors a row
+        // AVX-512 pairs of 8-wide rows: runs of 2 and 2, 3, 1 vectors; an odd height (not paired).
+        geometry(3, 5, 9, 8, 8, 3),
+        geometry(2, 3, 7, 6, 8, 3),
+        geometry(2, 3, 7, 2, 8, 3),
+        geometry(2, 3, 7, 5, 8, 3),
         // Stride 2 on phase planes: 16-wide output rows, 8-wide, and a masked/grid width.
         strided(2, 3, 9, 32, 32),
         strided(2, 5, 6, 16, 16),
@@ -163,13 +168,18 @@ fn every_instruction_set_gives_the_reference_forward_bits() {
         .map(|g| Kind::Avx512.positions(g.out_width()))
         .collect();
     assert!(layouts.contains(&Positions::Rows) && layouts.contains(&Positions::Masked));
+    assert!(
+        geometries
+            .iter()
+            .any(|g| Layout::forward(Isa(Kind::Avx512), g).paired)
+    );
     for g in geometries {
         let x = values(g.batch * g.in_len(), 1);
         let w = values(g.out_channels * g.patch_len(), 2);
         let want = bits(&reference_forward(&g, &x, &w));
         for isa in tested_isas() {
             let packed = PackedWeights::new(&g, &w);
-            let mut scratch = Scratch::new(&g);
+            let mut scratch = Scratch::new(isa, &g);
             let mut y = Vec::with_capacity(g.batch * g.out_len());
             for xi in x.chunks(g.in_len()) {
                 // Each image in its own buffer with a guard past its end: a store beyond the
