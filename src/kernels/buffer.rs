@@ -61,3 +61,39 @@ pub fn add_in_place(values: &mut [f32], plus: &[f32]) {
     assert_eq!(values.len(), plus.len(), "add_in_place: lengths");
     values.iter_mut().zip(plus).for_each(|(v, p)| *v += p);
 }
+
+/// Floats per cache line (and per AVX-512 vector).
+const LINE_FLOATS: usize = 16;
+
+/// A zeroed scratch buffer of floats whose first element starts a cache line, so vectors at
+/// multiples of 16 floats from it are whole lines (a load that straddles two lines costs two).
+pub struct LineAligned {
+    data: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl LineAligned {
+    pub fn zeroed(len: usize) -> Self {
+        let data = vec![0.0; len + LINE_FLOATS - 1];
+        let start = data.as_ptr().align_offset(4 * LINE_FLOATS);
+        assert!(
+            start < LINE_FLOATS,
+            "a float buffer aligns within 16 floats"
+        );
+        Self { data, start, len }
+    }
+}
+
+impl std::ops::Deref for LineAligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data[self.start..][..self.len]
+    }
+}
+
+impl std::ops::DerefMut for LineAligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[self.start..][..self.len]
+    }
+}

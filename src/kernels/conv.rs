@@ -561,17 +561,30 @@ pub fn backward(
         g.batch * g.out_len(),
         "conv2d backward: gradient length"
     );
-    let dx = match input {
-        InputGradient::Skip => None,
-        InputGradient::Plain => Some(input_gradient(g, weight, dy, None)),
+    let plus = match input {
         InputGradient::Plus(other) => {
             assert_eq!(
                 other.len(),
                 g.batch * g.in_len(),
                 "conv2d backward: length of the other input gradient"
             );
-            Some(input_gradient(g, weight, dy, Some(other)))
+            Some(other)
         }
+        _ => None,
+    };
+    if let Some(isa) = direct::Isa::chosen()
+        && want_weight
+        && !matches!(input, InputGradient::Skip)
+        && direct::handles_backward(g)
+    {
+        // Both gradients in one sweep, the output gradient copied once.
+        let (dx, dw) = direct::backward(isa, g, x, weight, dy, plus, REDUCTION_CHUNK);
+        return (Some(dx), Some(dw));
+    }
+    let dx = match input {
+        InputGradient::Skip => None,
+        InputGradient::Plain => Some(input_gradient(g, weight, dy, None)),
+        InputGradient::Plus(_) => Some(input_gradient(g, weight, dy, plus)),
     };
     let dw = want_weight.then(|| weight_gradient(g, x, dy));
     (dx, dw)

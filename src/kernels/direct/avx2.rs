@@ -219,10 +219,15 @@ pub(super) unsafe fn gradient_tile(
         for i in 0..group.images {
             // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
             let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
-            let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
+            let dyo = unsafe {
+                group
+                    .gridded
+                    .as_ptr()
+                    .add(i * group.dy_len + o * group.dy_plane)
+            };
             for v in (0..l.grid).step_by(LANES) {
                 let d: [__m256; 4] = std::array::from_fn(|k| unsafe {
-                    _mm256_loadu_ps(dyo.add((k / 2) * l.grid + v + (k % 2) * WIDTH))
+                    _mm256_loadu_ps(dyo.add((k / 2) * group.dy_plane + v + (k % 2) * WIDTH))
                 });
                 for (tt, &tap) in row_taps.iter().enumerate() {
                     for h in 0..2 {
@@ -273,13 +278,18 @@ pub(super) unsafe fn gradient_tile_pair(
             for i in 0..group.images {
                 // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
                 let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
-                let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
+                let dyo = unsafe {
+                    group
+                        .gridded
+                        .as_ptr()
+                        .add(i * group.dy_len + o * group.dy_plane)
+                };
                 for v in (h * WIDTH..l.grid).step_by(LANES) {
                     let xs: [__m256; 3] = std::array::from_fn(|tt| unsafe {
                         _mm256_loadu_ps(xc.add(row_taps[tt] + v))
                     });
                     for j in 0..4 {
-                        let d = unsafe { _mm256_loadu_ps(dyo.add(j * l.grid + v)) };
+                        let d = unsafe { _mm256_loadu_ps(dyo.add(j * group.dy_plane + v)) };
                         for (tt, xv) in xs.iter().enumerate() {
                             acc[j * 3 + tt] = _mm256_fmadd_ps(d, *xv, acc[j * 3 + tt]);
                         }

@@ -244,10 +244,16 @@ pub(super) unsafe fn gradient_tile<const N: usize>(
     for i in 0..group.images {
         // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
         let xc = unsafe { group.padded.as_ptr().add(i * group.x_len + c * l.plane) };
-        let dyo = unsafe { group.gridded.as_ptr().add(i * group.dy_len + o * l.grid) };
+        let dyo = unsafe {
+            group
+                .gridded
+                .as_ptr()
+                .add(i * group.dy_len + o * group.dy_plane)
+        };
         for v in (0..l.grid).step_by(LANES) {
-            let d: [__m512; N] =
-                std::array::from_fn(|j| unsafe { _mm512_loadu_ps(dyo.add(j * l.grid + v)) });
+            let d: [__m512; N] = std::array::from_fn(|j| unsafe {
+                _mm512_loadu_ps(dyo.add(j * group.dy_plane + v))
+            });
             for t in 0..9 {
                 let xv = unsafe { _mm512_loadu_ps(xc.add(taps[t] + v)) };
                 for j in 0..N {

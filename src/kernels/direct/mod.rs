@@ -48,8 +48,6 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 use super::cpu::{self, KernelPath};
 use super::geometry::ConvGeometry;
 
@@ -58,8 +56,16 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod phases;
+mod weight_gradient;
 
 pub use phases::{PhaseScratch, PhaseWeights, input_gradient_image};
+use weight_gradient::{GradientGroup, TILE_SUMS, gradient_group_bytes};
+pub use weight_gradient::{
+    backward, fold_lanes, gradient_group, handles_backward, handles_weight_gradient,
+    weight_gradient,
+};
+#[cfg(test)]
+use weight_gradient::{backward_in_groups, weight_gradient_in_groups};
 
 /// Output channels the packed weights are padded to a multiple of: the AVX-512 tile's width, and
 /// room for the AVX2 tiles' one channel past an odd count.
@@ -362,14 +368,26 @@ impl Layout {
         (g.in_channels - 1) * self.plane + farthest_tap + self.grid
     }
 
-    /// Floats per image of the weight gradient's buffers: `(padded input, gridded output
-    /// gradient)`, the output channels rounded up to a block's two (the extra grid row stays
-    /// zero; the AVX2 tiles read it).
-    fn gradient_lens(&self, g: &ConvGeometry) -> (usize, usize) {
-        (
-            self.padded_len(g),
-            g.out_channels.next_multiple_of(2) * self.grid,
-        )
+    /// Floats from one output channel to the next in a laid-out output gradient
+    /// ([`Layout::lay_gradient`]): `out_h + 2` grid rows, rounded up to whole cache lines.
+    fn gradient_plane(&self, g: &ConvGeometry) -> usize {
+        ((g.out_height() + 2) * self.row).next_multiple_of(LANES)
+    }
+
+    /// Floats before the first channel of a laid-out output gradient, so that each channel's
+    /// grid (`row + 1` floats into its plane) starts a cache line: the weight-gradient tiles'
+    /// loads of it are then whole lines (loads straddling two lines cost the tiles ~10 %,
+    /// `examples/kernel_times` on the Intel Xeon).
+    fn gradient_lead(&self) -> usize {
+        (LANES - (self.row + 1) % LANES) % LANES
+    }
+
+    /// Floats per image of a laid-out output gradient: its output channels rounded up to two
+    /// (the extra channel stays zero; the AVX2 weight-gradient tiles read it) and one more plane
+    /// of slack, for the grid read at `row + 1` and for the tiles of a stride-1 input gradient
+    /// (which read its planes as padded planes, up to the farthest tap plus the grid).
+    fn gradient_len(&self, g: &ConvGeometry) -> usize {
+        (g.out_channels.next_multiple_of(2) + 1) * self.gradient_plane(g) + LANES
     }
 
     /// Copies an image `[in, h, w]` into the interiors of its padded planes in `dst` (whose
@@ -406,16 +424,25 @@ impl Layout {
         }
     }
 
-    /// Writes an output gradient `[out, out_h, out_w]` onto the grid rows in `dst` (whose
-    /// dropped columns and tail are zero and stay so).
-    fn lay_on_grid(&self, isa: Isa, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
+    /// Writes an output gradient `[out, out_h, out_w]` into `dst` (zero elsewhere, and staying
+    /// so), channel `o`'s pixel `(r, c)` at `lead + o·gradient_plane + (r + 1)·row + c + 1`
+    /// ([`Layout::gradient_lead`]). Read from `lead + row + 1` on, each channel is the gradient
+    /// on the grid, zero in the dropped columns and the tail (what the weight-gradient tiles
+    /// take); at stride 1, read from `lead` on, each channel is also a padded plane of the
+    /// output gradient (what the input-gradient tiles take, the adjoint being a stride-1
+    /// convolution of the same layout).
+    fn lay_gradient(&self, isa: Isa, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
         let w = g.out_width();
-        for (src, grid) in dy
+        for (src, plane) in dy
             .chunks_exact(g.out_plane())
-            .zip(dst.chunks_mut(self.grid))
+            .zip(dst[self.gradient_lead()..].chunks_mut(self.gradient_plane(g)))
         {
             for (r, src_row) in src.chunks_exact(w).enumerate() {
-                copy_row(isa, src_row, as_slots(&mut grid[r * self.row..][..w]));
+                copy_row(
+                    isa,
+                    src_row,
+                    as_slots(&mut plane[(r + 1) * self.row + 1..][..w]),
+                );
             }
         }
     }
@@ -713,35 +740,6 @@ pub fn handles_phase_input_gradient(g: &ConvGeometry) -> bool {
     phases::handles(g) && Isa::chosen().is_some()
 }
 
-/// Whether [`weight_gradient`] handles `g`: a geometry the direct kernel fits, with a 3×3
-/// kernel on planes at least 16 wide, on a path with a direct kernel. On narrower planes the
-/// dropped grid columns are too large a share (a quarter at 8×8), and im2col + GEMM is faster
-/// (measured on Zen 4 with `examples/kernel_times`: 64 channels at 8×8, backward 8.0 ms direct
-/// vs 7.6 ms; at 32×32 and 16×16 the direct kernel is 5–13 % faster). The rule is the same on
-/// every instruction set, so every machine takes the same path (and sum order).
-pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
-    handles(g) && g.kernel == 3 && g.out_width() >= 16
-}
-
-/// Lane sums of one block of the weight gradient's lane-sum buffer: 2 output channels × 9 taps
-/// × [`LANES`] (the AVX2 tiles work on whole blocks, the AVX-512 tiles on their per-channel
-/// halves).
-const TILE_SUMS: usize = 2 * 9 * LANES;
-
-/// Bytes a weight-gradient group may fill: half the L2 cache (the other half for the tiles'
-/// lane sums and whatever else runs).
-fn gradient_group_bytes() -> usize {
-    cpu::l2_bytes() / 2
-}
-
-/// Images per weight-gradient group: as many padded inputs and gridded output gradients as fit
-/// in [`gradient_group_bytes`] (they are swept several times per tile: once per kernel row, and
-/// on AVX2 once per half of the lanes), at least one and at most `chunk`.
-pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
-    let (x_len, dy_len) = Layout::new(g).gradient_lens(g);
-    (gradient_group_bytes() / (4 * (x_len + dy_len))).clamp(1, chunk)
-}
-
 /// One line on how the direct kernel blocks its work on this machine: the forward tile of the
 /// chosen instruction set and the weight-gradient image groups (from the L2 size) of a CIFAR
 /// ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 or 5 channels (4 or 2
@@ -787,250 +785,6 @@ pub fn describe_blocking(chunk: usize) -> String {
         groups.join(", "),
         gradient_group_bytes() / 1024
     )
-}
-
-/// The sum of sixteen lane sums, folded in halves: lanes `l + 8` onto `l`, then `l + 4`,
-/// `l + 2`, `l + 1` (what a 512-bit vector's halving reduction computes).
-pub fn fold_lanes(lanes: &[f32; LANES]) -> f32 {
-    let mut v = *lanes;
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            v[l] += v[l + width];
-        }
-        width /= 2;
-    }
-    v[0]
-}
-
-/// `dW = Σₙ Σ_g dYₙ[o, g] · X′ₙ[c, g + tap]` on instruction set `isa`: the correlation of the
-/// output gradient laid on the padded-width grid (zero on the dropped columns) with the padded
-/// input. Images are summed in fixed chunks of `chunk` (in the order of the module
-/// documentation), so the result depends neither on the thread count nor on the machine. The
-/// dropped columns multiply zeros with input pixels the true sum does not read: an infinite
-/// input pixel (a diverged step) can turn a finite weight-gradient entry into NaN where im2col
-/// would not.
-///
-/// # Shapes
-/// - `x`: `[batch, in, h, w]`; `dy`: `[batch, out, h, w]`
-/// - returns `[out, in, 3, 3]`
-pub fn weight_gradient(
-    isa: Isa,
-    g: &ConvGeometry,
-    x: &[f32],
-    dy: &[f32],
-    chunk: usize,
-) -> Vec<f32> {
-    weight_gradient_in_groups(isa, g, x, dy, chunk, gradient_group(g, chunk))
-}
-
-/// [`weight_gradient`] with images swept in groups of `group` (what the L2 size decides there;
-/// the result is the same for every `group`).
-fn weight_gradient_in_groups(
-    isa: Isa,
-    g: &ConvGeometry,
-    x: &[f32],
-    dy: &[f32],
-    chunk: usize,
-    group: usize,
-) -> Vec<f32> {
-    assert!(
-        fits(g) && g.kernel == 3,
-        "direct weight gradient: unsupported geometry {g:?}"
-    );
-    assert!(
-        x.len() == g.batch * g.in_len() && dy.len() == g.batch * g.out_len(),
-        "direct weight gradient: input lengths"
-    );
-    assert!(
-        group >= 1 && chunk >= 1,
-        "direct weight gradient: empty groups"
-    );
-    let l = Layout::new(g);
-    let (x_len, dy_len) = l.gradient_lens(g);
-    let taps: [usize; 9] = l.taps(g).try_into().expect("a 3×3 kernel has nine taps");
-    let (out, cin) = (g.out_channels, g.in_channels);
-    let tiles = out.div_ceil(2) * cin;
-    let partials: Vec<Vec<f32>> = x
-        .par_chunks(chunk * g.in_len())
-        .zip(dy.par_chunks(chunk * g.out_len()))
-        .map_init(
-            // Zeroed once: padding, dropped grid columns and slack are never written.
-            || (vec![0.0; group * x_len], vec![0.0; group * dy_len]),
-            |(padded, gridded), (xs, dys)| {
-                let mut sums = vec![0.0; tiles * TILE_SUMS];
-                for (xg, dyg) in xs
-                    .chunks(group * g.in_len())
-                    .zip(dys.chunks(group * g.out_len()))
-                {
-                    let images = xg.len() / g.in_len();
-                    for (i, (xi, dyi)) in xg
-                        .chunks(g.in_len())
-                        .zip(dyg.chunks(g.out_len()))
-                        .enumerate()
-                    {
-                        l.pad(isa, g, xi, &mut padded[i * x_len..][..x_len]);
-                        l.lay_on_grid(isa, g, dyi, &mut gridded[i * dy_len..][..dy_len]);
-                    }
-                    let group = GradientGroup {
-                        padded: &padded[..images * x_len],
-                        gridded: &gridded[..images * dy_len],
-                        images,
-                        x_len,
-                        dy_len,
-                    };
-                    group.accumulate(isa, g, &l, &taps, &mut sums);
-                }
-                fold_tiles(g, &sums)
-            },
-        )
-        .collect();
-    super::sum_in_order(&partials, out * cin * 9)
-}
-
-/// `dW` (`[out, in, 3, 3]`) from the lane sums of every tile.
-fn fold_tiles(g: &ConvGeometry, sums: &[f32]) -> Vec<f32> {
-    let (out, cin) = (g.out_channels, g.in_channels);
-    let mut dw = vec![0.0; out * cin * 9];
-    for (tile, lanes) in sums.chunks_exact(TILE_SUMS).enumerate() {
-        let (o, c) = (tile / cin * 2, tile % cin);
-        for (j, row) in lanes.chunks_exact(9 * LANES).enumerate().take(out - o) {
-            for (t, lane) in row.chunks_exact(LANES).enumerate() {
-                let lane: &[f32; LANES] = lane.try_into().expect("LANES lane sums");
-                dw[((o + j) * cin + c) * 9 + t] = fold_lanes(lane);
-            }
-        }
-    }
-    dw
-}
-
-/// A group of images prepared for the weight gradient: padded inputs `x_len` floats apart and
-/// gridded output gradients `dy_len` floats apart.
-struct GradientGroup<'a> {
-    padded: &'a [f32],
-    gridded: &'a [f32],
-    images: usize,
-    x_len: usize,
-    dy_len: usize,
-}
-
-impl GradientGroup<'_> {
-    /// Adds this group's terms to the lane sums of every tile: `sums` is
-    /// `[out/2 (rounded up), in, 2, 9, LANES]`, tile `(o/2, c)` holding output channels
-    /// `o, o + 1` × input channel `c` × the nine taps.
-    fn accumulate(
-        &self,
-        isa: Isa,
-        g: &ConvGeometry,
-        l: &Layout,
-        taps: &[usize; 9],
-        sums: &mut [f32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if isa.0 == Kind::Avx512 {
-            self.accumulate_in_threes(isa, g, l, taps, sums);
-            return;
-        }
-        self.assert_lengths(g, l, sums);
-        let cin = g.in_channels;
-        // AVX2: rows of tiles, `cin` tiles each (output channels `2·row`, `2·row + 1`), two
-        // rows at once where there are two.
-        let mut rows = sums.chunks_exact_mut(cin * TILE_SUMS).enumerate();
-        while let Some((row, tiles)) = rows.next() {
-            let o = row * 2;
-            let pair = rows.next().map(|(_, next)| next);
-            let mut next = pair.map(|next| next.chunks_exact_mut(TILE_SUMS));
-            for (c, lanes) in tiles.chunks_exact_mut(TILE_SUMS).enumerate() {
-                let lanes: &mut [f32; TILE_SUMS] = lanes.try_into().expect("TILE_SUMS lane sums");
-                let second = next.as_mut().map(|n| {
-                    let lanes: &mut [f32; TILE_SUMS] = n
-                        .next()
-                        .expect("as many tiles in each row")
-                        .try_into()
-                        .expect("TILE_SUMS lane sums");
-                    lanes
-                });
-                // SAFETY: the CPU has `isa` (see `copy_row`), AVX2 here (AVX-512 returned
-                // above); every read is inside the buffers `assert_lengths` checked
-                // buffers: channel `c`'s plane plus the farthest tap plus the grid stays inside
-                // `padded_len`, output channels `o..o + 2` (`o..o + 4` for a pair of rows)
-                // inside the gridded gradients (rounded up to even).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match second {
-                        Some(second) => {
-                            avx2::gradient_tile_pair(self, c, o, l, taps, [lanes, second])
-                        }
-                        None => avx2::gradient_tile(self, c, o, l, taps, lanes),
-                    }
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = (isa, o, c, lanes, second);
-                    unreachable!("an Isa exists only on x86-64");
-                }
-            }
-        }
-    }
-
-    /// The buffers the tiles read and the lane sums they add to hold what `g` needs: the
-    /// tiles' `unsafe` relies on it.
-    fn assert_lengths(&self, g: &ConvGeometry, l: &Layout, sums: &mut [f32]) {
-        let (out, cin) = (g.out_channels, g.in_channels);
-        assert!(
-            self.images > 0
-                && self.padded.len() >= (self.images - 1) * self.x_len + l.padded_len(g)
-                && self.gridded.len() >= self.images * self.dy_len
-                && self.dy_len >= out.next_multiple_of(2) * l.grid
-                && sums.len() == out.div_ceil(2) * cin * TILE_SUMS,
-            "direct weight gradient: buffer lengths"
-        );
-    }
-
-    /// [`GradientGroup::accumulate`] on the AVX-512 tiles: output channels in threes (the last
-    /// one or two alone, see [`avx512::gradient_tile`]), each channel's lane sums found in its
-    /// half of a two-channel tile of `sums`.
-    #[cfg(target_arch = "x86_64")]
-    fn accumulate_in_threes(
-        &self,
-        isa: Isa,
-        g: &ConvGeometry,
-        l: &Layout,
-        taps: &[usize; 9],
-        sums: &mut [f32],
-    ) {
-        use avx512::CHANNEL_SUMS;
-        assert_eq!(isa.0, Kind::Avx512, "direct weight gradient: AVX-512 tiles");
-        self.assert_lengths(g, l, sums);
-        let (out, cin) = (g.out_channels, g.in_channels);
-        let mut halves: Vec<&mut [f32]> = sums.chunks_exact_mut(CHANNEL_SUMS).collect();
-        // Channel `j`'s lane sums with input channel `c`: tile `(j/2, c)`, half `j mod 2`.
-        let half = |j: usize, c: usize| ((j / 2) * cin + c) * 2 + j % 2;
-        for o in (0..out).step_by(3) {
-            for c in 0..cin {
-                // SAFETY: `isa` is AVX-512 (asserted), and an `Isa` exists only on a CPU that
-                // has it; the reads stay inside the buffers `assert_lengths` checked, channels
-                // `o .. o + n ≤ out`.
-                macro_rules! tile {
-                    ($n:literal) => {{
-                        let blocks = halves
-                            .get_disjoint_mut(std::array::from_fn::<_, $n, _>(|j| half(o + j, c)))
-                            .expect("distinct channels have distinct lane sums");
-                        let lanes = blocks.map(|b| {
-                            <&mut [f32; CHANNEL_SUMS]>::try_from(&mut **b)
-                                .expect("CHANNEL_SUMS lane sums")
-                        });
-                        unsafe { avx512::gradient_tile::<$n>(self, c, o, l, taps, lanes) }
-                    }};
-                }
-                match out - o {
-                    1 => tile!(1),
-                    2 => tile!(2),
-                    _ => tile!(3),
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

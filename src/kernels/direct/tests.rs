@@ -344,3 +344,53 @@ fn every_instruction_set_gives_the_reference_phase_input_gradient_bits() {
         }
     }
 }
+
+/// The backward pass in one sweep gives the bits of its two halves computed apart: the input
+/// gradient of the forward kernel on the flipped weights (plus the other gradient, added after),
+/// and the weight gradient, whatever the groups.
+#[test]
+fn one_sweep_backward_gives_the_bits_of_its_halves() {
+    let geometries = [
+        geometry(3, 3, 5, 16, 16, 3),  // odd output channels
+        geometry(17, 2, 4, 16, 18, 3), // past a chunk of 16
+        geometry(5, 16, 16, 32, 32, 3),
+    ];
+    for g in geometries {
+        assert!(handles_backward(&g) || Isa::chosen().is_none(), "{g:?}");
+        let x = values(g.batch * g.in_len(), 3);
+        let w = values(g.out_channels * g.in_channels * 9, 8);
+        let dy = values(g.batch * g.out_len(), 4);
+        let other = values(g.batch * g.in_len(), 9);
+        let want_dw = bits(&reference_weight_gradient(&g, &x, &dy, 16));
+        // The adjoint: in and out swapped, weights flipped in space.
+        let adjoint = ConvGeometry {
+            in_channels: g.out_channels,
+            out_channels: g.in_channels,
+            ..g
+        };
+        let mut flipped = vec![0.0; w.len()];
+        for o in 0..g.out_channels {
+            for c in 0..g.in_channels {
+                for t in 0..9 {
+                    flipped[(c * g.out_channels + o) * 9 + t] =
+                        w[(o * g.in_channels + c) * 9 + 8 - t];
+                }
+            }
+        }
+        let dx = reference_forward(&adjoint, &dy, &flipped);
+        for plus in [None, Some(&other[..])] {
+            let want_dx: Vec<f32> = match plus {
+                None => dx.clone(),
+                Some(p) => dx.iter().zip(p).map(|(a, b)| a + b).collect(),
+            };
+            for isa in tested_isas() {
+                for group in [1, 3, 16] {
+                    let (dx, dw) = backward_in_groups(isa, &g, &x, &w, &dy, plus, 16, group);
+                    let what = format!("{isa:?} {g:?}, groups of {group}, plus {}", plus.is_some());
+                    assert_eq!(bits(&dx), bits(&want_dx), "dx, {what}");
+                    assert_eq!(bits(&dw), want_dw, "dW, {what}");
+                }
+            }
+        }
+    }
+}
