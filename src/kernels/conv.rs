@@ -3,9 +3,10 @@
 //!
 //! - Stride-1 "same" convolutions and ResNet's stride-2 ones (3×3, padding 1, even sides) go to
 //!   the direct kernel ([`super::direct`]) on CPUs with AVX2 or AVX-512: the forward pass, the
-//!   input gradient (at stride 1 the forward pass of the adjoint) and, on output planes at
-//!   least 16 wide, the weight gradient.
-//! - Everything else (other geometries, the weight gradients of narrower planes, and every
+//!   input gradient (at stride 1 the forward pass of the adjoint, computed in one sweep with
+//!   the weight gradient) and the weight gradient (at stride 2 on output planes at least 16
+//!   wide).
+//! - Everything else (other geometries, stride-2 weight gradients of narrower outputs, and every
 //!   convolution on the portable path) is lowered here to a patch matrix (im2col, `[in·k·k, out_h·out_w]`)
 //!   and multiplied with the weights as one GEMM per image; the weight gradient is the direct
 //!   product `dW = dY · colᵀ`.
@@ -938,17 +939,15 @@ mod tests {
         }
     }
 
-    /// Both weight-gradient implementations agree with each other (and, through
-    /// `gradients_are_the_adjoints_of_the_forward_map`, with the forward map).
+    /// Every weight-gradient implementation agrees with the definition summed in `f64` (and,
+    /// through `gradients_are_the_adjoints_of_the_forward_map`, with the forward map).
     #[test]
-    fn weight_gradient_paths_agree() {
+    fn weight_gradient_paths_match_the_definition() {
         for g in geometries().into_iter().chain([wide()]) {
             let x = values(g.batch * g.in_len(), 8);
             let dy = values(g.batch * g.out_len(), 9);
-            let paths = weight_gradient_paths(&g);
-            let (_, reference) = &paths[0];
-            let want = reference(&g, &x, &dy);
-            for (name, path) in &paths[1..] {
+            let want = naive_weight_gradient(&g, &x, &dy);
+            for (name, path) in &weight_gradient_paths(&g) {
                 assert_close(&path(&g, &x, &dy), &want, &format!("{name} {g:?}"));
             }
         }
@@ -956,8 +955,8 @@ mod tests {
 
     /// The dispatch follows the kernel path (`cpu::kernel_path`): on the AVX-512 and AVX2 paths
     /// (unless `SPLITAUX_KERNEL_PATH=portable`) the direct kernels take ResNet's stride-1
-    /// convolutions and its stride-2 ones (weight gradients where the output is at least 16
-    /// wide), so the comparisons above exercise them; the 8×8 weight gradients stay on im2col +
+    /// convolutions and its stride-2 ones (at stride 2 weight gradients where the output is at
+    /// least 16 wide), so the comparisons above exercise them; the others stay on im2col +
     /// GEMM. The chosen instruction set is always one the CPU has.
     #[test]
     fn direct_kernels_cover_resnet_convolutions_where_the_cpu_allows() {
@@ -978,11 +977,15 @@ mod tests {
         assert!(chosen.is_none_or(|isa| direct::Isa::available().contains(&isa)));
         assert_eq!(direct::handles(&g), chosen.is_some());
         assert_eq!(direct::handles_weight_gradient(&g), chosen.is_some());
-        assert!(!direct::handles_weight_gradient(&ConvGeometry {
-            width: 8,
-            height: 8,
-            ..g
-        }));
+        // 8×8 at stride 1 too: the chains need no grid.
+        assert_eq!(
+            direct::handles_weight_gradient(&ConvGeometry {
+                width: 8,
+                height: 8,
+                ..g
+            }),
+            chosen.is_some()
+        );
         // Downsampling convolutions: direct (phase planes) on even sides; the weight gradient
         // where the output is at least 16 wide.
         let strided = ConvGeometry { stride: 2, ..g };
@@ -991,6 +994,7 @@ mod tests {
             direct::handles_phase_input_gradient(&strided),
             chosen.is_some()
         );
+        // An 8-wide output is too narrow for the lane sums' grid.
         assert!(!direct::handles_weight_gradient(&strided));
         let wide = ConvGeometry {
             height: 32,

@@ -17,6 +17,7 @@
 
 use std::arch::x86_64::*;
 
+use super::chains::Chains;
 use super::{AVX2_WIDTH, GradientGroup, LANES, Layout, Positions, TILE_SUMS, Tile};
 
 /// Floats per vector.
@@ -301,6 +302,57 @@ pub(super) unsafe fn gradient_tile_pair(
                 // SAFETY: `slot(j, tt) + 8 ≤ TILE_SUMS`.
                 unsafe { _mm256_storeu_ps(lanes[j / 2].as_mut_ptr().add(slot(j, tt)), *a) };
             }
+        }
+    }
+}
+
+/// All chain tiles of one image ([`super::chains`]): for each vector of 8 output channels,
+/// each input channel: one tile of 9 chains (9 accumulators, as many as the FMA latency needs)
+/// swept over every position.
+///
+/// # Safety
+/// AVX2 and FMA; `chains`' buffers as [`super::chains`] asserts them.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn chain_tiles(chains: &mut Chains) {
+    for o in (0..chains.out_padded).step_by(WIDTH) {
+        for c in 0..chains.in_channels {
+            // SAFETY: channel `c < in`, outputs `o .. o + 8 ≤ out_padded`.
+            unsafe { chain_tile(chains, o, c) };
+        }
+    }
+}
+
+/// The chains of output channels `o .. o + 8` × input channel `c` × the nine taps over one
+/// image, in the order of the AVX-512 tile (one chain per band of rows, each from zero, one
+/// fused multiply-add per term, positions in row-major order; then added to the sums).
+///
+/// # Safety
+/// As [`chain_tiles`]; `c < in`, `o + 8 ≤ out_padded`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chain_tile(chains: &mut Chains, o: usize, c: usize) {
+    let (plane, row, width, ld) = (chains.plane, chains.row, chains.width, chains.out_padded);
+    // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+    let sums = unsafe { chains.sums.as_mut_ptr().add(c * 9 * ld + o) };
+    for band in (0..chains.height).step_by(chains.band_rows) {
+        let mut acc = [_mm256_setzero_ps(); 9];
+        for r in band..(band + chains.band_rows).min(chains.height) {
+            let x0 = unsafe { chains.padded.as_ptr().add(c * plane + r * row) };
+            let d0 = unsafe { chains.transposed.as_ptr().add(r * width * ld + o) };
+            for col in 0..width {
+                let d = unsafe { _mm256_loadu_ps(d0.add(col * ld)) };
+                let xc = unsafe { x0.add(col) };
+                for ki in 0..3 {
+                    let xr = unsafe { xc.add(ki * row) };
+                    for kj in 0..3 {
+                        let b = unsafe { _mm256_broadcast_ss(&*xr.add(kj)) };
+                        acc[ki * 3 + kj] = _mm256_fmadd_ps(d, b, acc[ki * 3 + kj]);
+                    }
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            let at = unsafe { sums.add(t * ld) };
+            unsafe { _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), *a)) };
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::chains::Chains;
 use super::{GradientGroup, LANES, Layout, OUT_BLOCK, Positions, Tile};
 
 /// Output channels per forward tile.
@@ -267,5 +268,129 @@ pub(super) unsafe fn gradient_tile<const N: usize>(
             // SAFETY: `t·16 + 16 ≤ CHANNEL_SUMS`.
             unsafe { _mm512_storeu_ps(sums.as_mut_ptr().add(t * LANES), *a) };
         }
+    }
+}
+
+/// All chain tiles of one image ([`super::chains`]): for each vector of 16 output channels,
+/// the input channels in runs of up to three (as even as they can be), each run one tile of
+/// 3 × 9 chains (27 accumulators) swept over every position.
+///
+/// # Safety
+/// AVX-512 F and VL; `chains`' buffers as [`super::chains`] asserts them.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn chain_tiles(chains: &mut Chains) {
+    let cin = chains.in_channels;
+    let runs = cin.div_ceil(3);
+    for o in (0..chains.out_padded).step_by(LANES) {
+        let mut c = 0;
+        for run in 0..runs {
+            // SAFETY: channels `c .. c + n ≤ in`, outputs `o .. o + 16 ≤ out_padded`.
+            unsafe {
+                match (cin - c).div_ceil(runs - run) {
+                    1 => chain_tile::<1>(chains, o, c),
+                    2 => chain_tile::<2>(chains, o, c),
+                    _ => chain_tile::<3>(chains, o, c),
+                }
+            }
+            c += (cin - c).div_ceil(runs - run);
+        }
+    }
+}
+
+/// The chains of output channels `o .. o + 16` × input channels `c .. c + C` × the nine taps
+/// over one image, one per band of rows, each from zero: per position `(r, col)` of the band in
+/// row-major order, one fused multiply-add of `dY[r·w + col, o ..] · X′[c′, (r + ki)·row + col
+/// + kj]`; then added to `sums[(c′·9 + t)·out_padded + o ..]`.
+///
+/// # Safety
+/// As [`chain_tiles`]; `c + C ≤ in`, `o + 16 ≤ out_padded`.
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn chain_tile<const C: usize>(chains: &mut Chains, o: usize, c: usize) {
+    let (plane, row, width, ld) = (chains.plane, chains.row, chains.width, chains.out_padded);
+    // SAFETY (all pointer arithmetic below): within the buffers, per the contract.
+    let sums = unsafe { chains.sums.as_mut_ptr().add(c * 9 * ld + o) };
+    for band in (0..chains.height).step_by(chains.band_rows) {
+        let mut acc = [[_mm512_setzero_ps(); 9]; C];
+        for r in band..(band + chains.band_rows).min(chains.height) {
+            let x0 = unsafe { chains.padded.as_ptr().add(c * plane + r * row) };
+            let d0 = unsafe { chains.transposed.as_ptr().add(r * width * ld + o) };
+            for col in 0..width {
+                let d = unsafe { _mm512_loadu_ps(d0.add(col * ld)) };
+                for (cc, chains) in acc.iter_mut().enumerate() {
+                    let xc = unsafe { x0.add(cc * plane + col) };
+                    for ki in 0..3 {
+                        let xr = unsafe { xc.add(ki * row) };
+                        for kj in 0..3 {
+                            let b = _mm512_set1_ps(unsafe { *xr.add(kj) });
+                            chains[ki * 3 + kj] = _mm512_fmadd_ps(d, b, chains[ki * 3 + kj]);
+                        }
+                    }
+                }
+            }
+        }
+        for (cc, chains) in acc.iter().enumerate() {
+            for (t, a) in chains.iter().enumerate() {
+                let at = unsafe { sums.add((cc * 9 + t) * ld) };
+                unsafe { _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a)) };
+            }
+        }
+    }
+}
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i, j < 16`: a 16 × 16 block transposed
+/// in registers (unpacks of 32- and 64-bit pairs, then two rounds of 128-bit lane shuffles).
+///
+/// # Safety
+/// AVX-512 F; both pointers valid for 16 rows of 16 floats at their strides.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn transpose_16x16(
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
+    // SAFETY: 16 rows of 16 floats, per the contract.
+    let r: [__m512; 16] =
+        std::array::from_fn(|i| unsafe { _mm512_loadu_ps(src.add(i * src_stride)) });
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // Within each group of four: (t0, t2) and (t1, t3) as 64-bit pairs.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i / 4 * 4;
+        let (a, b) = (t[base + (i % 4) / 2], t[base + (i % 4) / 2 + 2]);
+        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+        _mm512_castpd_ps(if i % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    // 128-bit lanes: within each half of eight, row k with row k + 4.
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i / 8 * 8;
+        let k = base + i % 4;
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(u[k], u[k + 4])
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(u[k], u[k + 4])
+        }
+    });
+    let w: [__m512; 16] = std::array::from_fn(|i| {
+        let k = i % 8;
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(v[k], v[k + 8])
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(v[k], v[k + 8])
+        }
+    });
+    for (j, row) in w.iter().enumerate() {
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(dst.add(j * dst_stride), *row) };
     }
 }

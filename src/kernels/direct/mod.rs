@@ -1,8 +1,10 @@
 //! Direct convolution for stride-1 "same" convolutions (odd kernel `k`, padding `(k − 1)/2`) and
 //! ResNet's downsampling ones (3×3, stride 2, padding 1, even sides; [`phase_split`]): the
-//! forward pass of ResNet's 3×3 convolutions; their input gradient (at stride 1 through the
-//! flipped-weight adjoint in [`super::conv`], at stride 2 in [`phases`]); and (3×3, output
-//! planes ≥ 16 wide) their weight gradient. No patch matrix is built. This module owns the
+//! forward pass of ResNet's 3×3 convolutions; their input gradient (at stride 1 the forward
+//! pass of the flipped-weight adjoint, at stride 2 in [`phases`]); and their weight gradient
+//! ([`weight_gradient`]: at stride 1 as chains over output-channel vectors, [`chains`], computed
+//! in one sweep with the input gradient; at stride 2 as lane sums on the grid, output planes ≥
+//! 16 wide). No patch matrix is built. This module owns the
 //! layout and the summation order; the register tiles that follow that order are per
 //! instruction set, in [`avx512`] (16 lanes, 32 registers) and [`avx2`] (8 lanes, 16
 //! registers). CPUs with neither (and runs forcing `SPLITAUX_KERNEL_PATH=portable`, see
@@ -28,7 +30,7 @@
 //! the same bits on an AVX-512 and an AVX2 machine (sweeps split over machines, resumed runs and
 //! multi-process runs rely on it). Which convolutions run here is decided by the geometry alone
 //! ([`handles`], [`handles_phase_input_gradient`], [`handles_weight_gradient`]), the same on
-//! both. The rest (weight gradients of output planes under 16 wide, other strides, and
+//! both. The rest (stride-2 weight gradients of outputs under 16 wide, other strides, and
 //! everything on the portable path) is im2col + the `gemm`
 //! crate, whose microkernel and depth blocking are its own choice per CPU (see `gemm.rs`): that
 //! part has not been compared across machines. Tile shapes and cache blocking decide only *when*
@@ -37,11 +39,14 @@
 //!   term, starting from zero, channels outermost and taps in row-major order within a channel
 //!   (`c·k² + tap`, the im2col row order). The stride-2 input gradient follows the same rule
 //!   with its phase's taps ([`phases`]).
-//! - **Weight gradient** (per chunk of images, see `REDUCTION_CHUNK`): sixteen lane sums per
-//!   weight, lane `l` taking grid positions `≡ l (mod 16)` of every image in turn, one fused
-//!   multiply-add per term; then the lanes folded in halves (`l + 8` onto `l`, then `+ 4`,
-//!   `+ 2`, `+ 1`, see [`fold_lanes`]). Image groups sized to the L2 cache only decide when the
-//!   lane sums are parked in memory between sweeps.
+//! - **Weight gradient at stride 1** ([`chains`]): per image and band of about 128 positions,
+//!   one fused multiply-add chain per weight from zero over the band's positions in row-major
+//!   order, added to the chunk's sum (chunks of `REDUCTION_CHUNK` images).
+//! - **Weight gradient at stride 2** (per chunk of images): sixteen lane sums per weight, lane
+//!   `l` taking grid positions `≡ l (mod 16)` of every image in turn, one fused multiply-add
+//!   per term; then the lanes folded in halves (`l + 8` onto `l`, then `+ 4`, `+ 2`, `+ 1`, see
+//!   [`fold_lanes`]). Image groups sized to the L2 cache only decide when the lane sums are
+//!   parked in memory between sweeps.
 //!
 //! The scalar references in the tests compute exactly these orders, and each instruction set the
 //! CPU has must match them bit for bit.
@@ -55,17 +60,18 @@ use super::geometry::ConvGeometry;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod chains;
 mod phases;
 mod weight_gradient;
 
 pub use phases::{PhaseScratch, PhaseWeights, input_gradient_image};
+#[cfg(test)]
+use weight_gradient::lane_sums_in_groups;
 use weight_gradient::{GradientGroup, TILE_SUMS, gradient_group_bytes};
 pub use weight_gradient::{
     backward, fold_lanes, gradient_group, handles_backward, handles_weight_gradient,
     weight_gradient,
 };
-#[cfg(test)]
-use weight_gradient::{backward_in_groups, weight_gradient_in_groups};
 
 /// Output channels the packed weights are padded to a multiple of: the AVX-512 tile's width, and
 /// room for the AVX2 tiles' one channel past an odd count.
@@ -384,8 +390,7 @@ impl Layout {
 
     /// Floats per image of a laid-out output gradient: its output channels rounded up to two
     /// (the extra channel stays zero; the AVX2 weight-gradient tiles read it) and one more plane
-    /// of slack, for the grid read at `row + 1` and for the tiles of a stride-1 input gradient
-    /// (which read its planes as padded planes, up to the farthest tap plus the grid).
+    /// of slack, for the grid read at `lead + row + 1`.
     fn gradient_len(&self, g: &ConvGeometry) -> usize {
         (g.out_channels.next_multiple_of(2) + 1) * self.gradient_plane(g) + LANES
     }
@@ -427,10 +432,8 @@ impl Layout {
     /// Writes an output gradient `[out, out_h, out_w]` into `dst` (zero elsewhere, and staying
     /// so), channel `o`'s pixel `(r, c)` at `lead + o·gradient_plane + (r + 1)·row + c + 1`
     /// ([`Layout::gradient_lead`]). Read from `lead + row + 1` on, each channel is the gradient
-    /// on the grid, zero in the dropped columns and the tail (what the weight-gradient tiles
-    /// take); at stride 1, read from `lead` on, each channel is also a padded plane of the
-    /// output gradient (what the input-gradient tiles take, the adjoint being a stride-1
-    /// convolution of the same layout).
+    /// on the grid, zero in the dropped columns and the tail (what the lane-sum weight-gradient
+    /// tiles take).
     fn lay_gradient(&self, isa: Isa, g: &ConvGeometry, dy: &[f32], dst: &mut [f32]) {
         let w = g.out_width();
         for (src, plane) in dy

@@ -1,32 +1,37 @@
-//! The weight gradient of the direct kernel's convolutions (3×3, output planes at least 16
-//! wide), and the backward pass of the stride-1 ones in one sweep: each chunk of images is
-//! copied once into padded inputs and laid-out output gradients ([`Layout::lay_gradient`]),
-//! which the weight-gradient tiles correlate and, at stride 1, the forward tiles turn into the
-//! input gradient (the adjoint of a stride-1 "same" convolution is one, with the weights
-//! flipped in space and in/out swapped). Computed apart, the input gradient and the weight
-//! gradient each copied the output gradient (a tenth of a training step went to such copies on
-//! the Intel Xeon); together the output gradient is read from memory once.
+//! The weight gradient of the direct kernel's 3×3 convolutions, and the backward pass of the
+//! stride-1 ones in one sweep.
+//!
+//! - **Stride 1** ([`super::chains`]): one fused multiply-add chain per weight, vectors over
+//!   output channels, the output gradient transposed image by image; [`backward`] also computes
+//!   the input gradient of each image while its output gradient is in cache (the adjoint of a
+//!   stride-1 "same" convolution is one, with the weights flipped in space and in/out swapped,
+//!   run by the forward tiles), so the output gradient is read from memory once.
+//! - **Stride 2** (output planes at least 16 wide; here): sixteen lane sums per weight over the
+//!   phase planes' grid, lane `l` taking grid positions `≡ l (mod 16)`, folded in halves
+//!   ([`fold_lanes`]); the output gradient laid out once per image ([`Layout::lay_gradient`]).
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::super::buffer::{LineAligned, add_onto};
-use super::{
-    ConvGeometry, Isa, Kind, LANES, Layout, PackedWeights, Plane, Source, convolve, cpu, fits,
-    handles,
-};
+use super::super::buffer::LineAligned;
+use super::chains;
+use super::{ConvGeometry, Isa, Kind, LANES, Layout, PackedWeights, cpu, fits, handles};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 
-/// Whether [`weight_gradient`] handles `g`: a geometry the direct kernel fits, with a 3×3
-/// kernel on planes at least 16 wide, on a path with a direct kernel. On narrower planes the
-/// dropped grid columns are too large a share (a quarter at 8×8), and im2col + GEMM is faster
-/// (measured on Zen 4 with `examples/kernel_times`: 64 channels at 8×8, backward 8.0 ms direct
-/// vs 7.6 ms; at 32×32 and 16×16 the direct kernel is 5–13 % faster). The rule is the same on
-/// every instruction set, so every machine takes the same path (and sum order).
+/// Whether [`weight_gradient`] handles `g`: a 3×3 geometry the direct kernel fits, at stride 1
+/// (chains) or with output planes at least 16 wide (lane sums on the grid; on narrower planes
+/// its dropped grid columns are too large a share and im2col + GEMM is faster), on a path with
+/// a direct kernel. The rule is the same on every instruction set, so every machine takes the
+/// same path (and sum order).
 pub fn handles_weight_gradient(g: &ConvGeometry) -> bool {
-    handles(g) && g.kernel == 3 && g.out_width() >= 16
+    handles(g) && g.kernel == 3 && (chains::handles(g) || g.out_width() >= 16)
+}
+
+/// Whether [`backward`] handles `g`: a stride-1 3×3 convolution on a path with a direct kernel.
+pub fn handles_backward(g: &ConvGeometry) -> bool {
+    handles(g) && chains::handles(g)
 }
 
 /// Lane sums of one block of the weight gradient's lane-sum buffer: 2 output channels × 9 taps
@@ -40,18 +45,12 @@ pub(super) fn gradient_group_bytes() -> usize {
     cpu::l2_bytes() / 2
 }
 
-/// Images per weight-gradient group: as many padded inputs and laid-out output gradients as fit
-/// in [`gradient_group_bytes`] (they are swept several times per tile: once per kernel row, and
-/// on AVX2 once per half of the lanes), at least one and at most `chunk`.
+/// Images per lane-sum group: as many padded inputs and laid-out output gradients as fit in
+/// [`gradient_group_bytes`] (they are swept several times per tile: once per kernel row, and on
+/// AVX2 once per half of the lanes), at least one and at most `chunk`.
 pub fn gradient_group(g: &ConvGeometry, chunk: usize) -> usize {
     let l = Layout::new(g);
     (gradient_group_bytes() / (4 * (l.padded_len(g) + l.gradient_len(g)))).clamp(1, chunk)
-}
-
-/// Whether [`backward`] handles `g`: a stride-1 geometry whose weight gradient is direct
-/// ([`handles_weight_gradient`]); its input gradient is then a direct convolution too.
-pub fn handles_backward(g: &ConvGeometry) -> bool {
-    handles_weight_gradient(g) && g.stride == 1
 }
 
 /// The sum of sixteen lane sums, folded in halves: lanes `l + 8` onto `l`, then `l + 4`,
@@ -68,10 +67,9 @@ pub fn fold_lanes(lanes: &[f32; LANES]) -> f32 {
     v[0]
 }
 
-/// `dW = Σₙ Σ_g dYₙ[o, g] · X′ₙ[c, g + tap]` on instruction set `isa`: the correlation of the
-/// output gradient laid on the padded-width grid (zero on the dropped columns) with the padded
-/// input. Images are summed in fixed chunks of `chunk` (in the order of the module
-/// documentation), so the result depends neither on the thread count nor on the machine. The
+/// `dW = Σₙ Σ_p dYₙ[o, p] · X′ₙ[c, p + tap]` on instruction set `isa`, images summed in fixed
+/// chunks of `chunk` (see the module documentation for the order within a chunk), so the result
+/// depends neither on the thread count nor on the machine. On the lane-sum grid (stride 2) the
 /// dropped columns multiply zeros with input pixels the true sum does not read: an infinite
 /// input pixel (a diverged step) can turn a finite weight-gradient entry into NaN where im2col
 /// would not.
@@ -86,25 +84,15 @@ pub fn weight_gradient(
     dy: &[f32],
     chunk: usize,
 ) -> Vec<f32> {
-    sweep(isa, g, x, dy, chunk, gradient_group(g, chunk), None)
-}
-
-/// [`weight_gradient`] with images swept in groups of `group` (the tests try several).
-#[cfg(test)]
-pub(super) fn weight_gradient_in_groups(
-    isa: Isa,
-    g: &ConvGeometry,
-    x: &[f32],
-    dy: &[f32],
-    chunk: usize,
-    group: usize,
-) -> Vec<f32> {
-    sweep(isa, g, x, dy, chunk, group, None)
+    if chains::handles(g) {
+        return chains::sweep(isa, g, x, dy, chunk, None);
+    }
+    lane_sums_in_groups(isa, g, x, dy, chunk, gradient_group(g, chunk))
 }
 
 /// The backward pass of a stride-1 convolution ([`handles_backward`]) in one sweep: `(dx, dW)`,
 /// `dx` the input gradient plus `plus` (when given; added as a separate addition would round
-/// it) and `dW` as [`weight_gradient`]. `dx` is the forward kernel's, on the adjoint: each
+/// it) and `dW` as [`weight_gradient`]. `dx` is the forward kernel's on the adjoint: each
 /// element's terms in output-channel-then-tap order, one fused multiply-add each from zero
 /// (what `forward_image` on the flipped weights gives, bit for bit).
 ///
@@ -121,23 +109,8 @@ pub fn backward(
     plus: Option<&[f32]>,
     chunk: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    backward_in_groups(isa, g, x, weight, dy, plus, chunk, gradient_group(g, chunk))
-}
-
-/// [`backward`] with images swept in groups of `group`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn backward_in_groups(
-    isa: Isa,
-    g: &ConvGeometry,
-    x: &[f32],
-    weight: &[f32],
-    dy: &[f32],
-    plus: Option<&[f32]>,
-    chunk: usize,
-    group: usize,
-) -> (Vec<f32>, Vec<f32>) {
     assert!(
-        fits(g) && g.stride == 1 && g.kernel == 3,
+        chains::handles(g),
         "direct backward: unsupported geometry {g:?}"
     );
     assert!(
@@ -146,42 +119,32 @@ pub(super) fn backward_in_groups(
         "direct backward: weight or added gradient length"
     );
     let (out, cin) = (g.out_channels, g.in_channels);
-    // The adjoint's weights: input channel `o`, tap `t`, output channel `c` =
-    // w[o, c, 8 − t] (flipped in space).
+    // The adjoint's weights: input channel `o`, tap `t`, output channel `c` = w[o, c, 8 − t]
+    // (flipped in space).
     let flipped = PackedWeights::from_fn(out, 9, cin, |o, t, c| weight[(o * cin + c) * 9 + 8 - t]);
     let mut dw = Vec::new();
     let dx_fill = |dx: &mut [MaybeUninit<f32>]| {
-        let input = InputSide {
+        let input = chains::InputSide {
             weights: &flipped,
             plus,
             dx,
         };
-        dw = sweep(isa, g, x, dy, chunk, group, Some(input));
+        dw = chains::sweep(isa, g, x, dy, chunk, Some(input));
     };
     // SAFETY: the sweep writes every image's input gradient whole (`InputSide`).
     let dx = unsafe { super::super::buffer::filled(g.batch * g.in_len(), dx_fill) };
     (dx, dw)
 }
 
-/// The input-gradient side of a [`sweep`]: the adjoint's packed weights, the other consumer's
-/// gradient to add, and where the input gradient goes (`[batch, in, h, w]`, all written).
-struct InputSide<'a> {
-    weights: &'a PackedWeights,
-    plus: Option<&'a [f32]>,
-    dx: &'a mut [MaybeUninit<f32>],
-}
-
-/// The weight gradient over chunks of `chunk` images in groups of `group` (what the L2 size
-/// decides; the sums are the same for every `group`), and with `input` the input gradient of
-/// each image while its laid-out output gradient is in cache.
-fn sweep(
+/// The lane-sum weight gradient over chunks of `chunk` images in groups of `group` (what the L2
+/// size decides; the sums are the same for every `group`).
+pub(super) fn lane_sums_in_groups(
     isa: Isa,
     g: &ConvGeometry,
     x: &[f32],
     dy: &[f32],
     chunk: usize,
     group: usize,
-    input: Option<InputSide>,
 ) -> Vec<f32> {
     assert!(
         fits(g) && g.kernel == 3,
@@ -201,39 +164,22 @@ fn sweep(
     let taps: [usize; 9] = l.taps(g).try_into().expect("a 3×3 kernel has nine taps");
     let (out, cin) = (g.out_channels, g.in_channels);
     let tiles = out.div_ceil(2) * cin;
-    let chunks = g.batch.div_ceil(chunk);
-    // Each chunk's run of the input gradient, if wanted.
-    let (weights, plus, dx_chunks) = match input {
-        Some(InputSide { weights, plus, dx }) => {
-            assert!(
-                g.stride == 1 && dx.len() == g.batch * g.in_len(),
-                "direct backward: the input gradient of a stride-1 convolution"
-            );
-            let runs: Vec<_> = dx.chunks_mut(chunk * g.in_len()).map(Some).collect();
-            (Some(weights), plus, runs)
-        }
-        None => (None, None, (0..chunks).map(|_| None).collect()),
-    };
     let partials: Vec<Vec<f32>> = x
         .par_chunks(chunk * g.in_len())
         .zip(dy.par_chunks(chunk * g.out_len()))
-        .zip(dx_chunks)
-        .enumerate()
         .map_init(
             // Zeroed once: padding, dropped grid columns and slack are never written.
             || {
                 (
                     LineAligned::zeroed(group * x_len),
                     LineAligned::zeroed(group * dy_len),
-                    Vec::new(),
                 )
             },
-            |(padded, laid, out_grid), (k, ((xs, dys), mut dxs))| {
+            |(padded, laid), (xs, dys)| {
                 let mut sums = vec![0.0; tiles * TILE_SUMS];
-                for (gi, (xg, dyg)) in xs
+                for (xg, dyg) in xs
                     .chunks(group * g.in_len())
                     .zip(dys.chunks(group * g.out_len()))
-                    .enumerate()
                 {
                     let images = xg.len() / g.in_len();
                     for (i, (xi, dyi)) in xg
@@ -242,34 +188,7 @@ fn sweep(
                         .enumerate()
                     {
                         l.pad(isa, g, xi, &mut padded[i * x_len..][..x_len]);
-                        let laid_i = &mut laid[i * dy_len..][..dy_len];
-                        l.lay_gradient(isa, g, dyi, laid_i);
-                        if let (Some(weights), Some(dxs)) = (weights, dxs.as_deref_mut()) {
-                            let n = gi * group + i;
-                            let source = Source {
-                                input: &laid_i[lead..],
-                                plane: dy_plane,
-                                channels: out,
-                                taps: &taps,
-                                square_3x3: true,
-                                weights,
-                                row: l.row,
-                                grid: l.grid,
-                                paired: false,
-                            };
-                            let dxi = &mut dxs[n * g.in_len()..][..g.in_len()];
-                            let shape = Plane {
-                                channels: cin,
-                                height: g.height,
-                                width: g.width,
-                            };
-                            convolve(isa, &source, shape, out_grid, dxi);
-                            if let Some(p) = plus {
-                                let image = k * chunk + n;
-                                // SAFETY: `convolve` wrote all of `dxi`.
-                                unsafe { add_onto(dxi, &p[image * g.in_len()..][..g.in_len()]) };
-                            }
-                        }
+                        l.lay_gradient(isa, g, dyi, &mut laid[i * dy_len..][..dy_len]);
                     }
                     let group = GradientGroup {
                         padded: &padded[..images * x_len],
