@@ -5,7 +5,10 @@
 //!   else on the grid ([`super::Positions`]).
 //!   The FMA latency (4 cycles × 2 units on Zen 3) needs at least 8 chains in flight; 4 channels
 //!   × 3 vectors needed 17 registers, and LLVM spilled.
-//! - A weight-gradient tile takes one kernel row and one half of the 16 lane sums at a time:
+//! - A stride-1 weight-gradient tile ([`chain_tile`]) holds 8 output channels × 1 input
+//!   channel × 9 taps: 9 chains, one output-gradient vector and one broadcast input pixel per
+//!   position (10 loads per 9 FMAs, none straddling cache lines).
+//! - A stride-2 weight-gradient tile takes one kernel row and one half of the 16 lane sums at a time:
 //!   4 output channels × 3 taps (12 accumulators, [`gradient_tile_pair`]), the kernel row's 3
 //!   input vectors held while 4 output-gradient vectors stream past: 7 loads per 12 FMAs, in
 //!   exactly 16 registers. Loads, not FMAs, bound this kernel on Zen 3 (two 256-bit loads per
@@ -305,6 +308,9 @@ pub(super) unsafe fn gradient_tile_pair(
         }
     }
 }
+
+/// The stride-1 weight-gradient tile, as `bench --cpu` names it.
+pub(super) const CHAIN_TILE: &str = "8 output channels × 1 input channel × 9 taps";
 
 /// All chain tiles of one image ([`super::chains`]): for each vector of 8 output channels,
 /// each input channel: one tile of 9 chains (9 accumulators, as many as the FMA latency needs)

@@ -1,8 +1,10 @@
 //! The direct kernel's AVX-512 tiles (F + VL; 16 lanes, 32 registers). A forward tile holds 8
 //! output channels × up to 3 vectors of 16 output positions (24 accumulators; in output rows
-//! when the width is a multiple of 16, else on the grid with masked stores); a weight-gradient
-//! tile 3 output channels × 9 taps (27 accumulators, one vector of lane sums each; 1 or 2 for
-//! the last channels). The sum order is the one [`super`] defines.
+//! when the width is a multiple of 16, in pairs of rows when it is 8, else on the grid with
+//! masked stores); a stride-1 weight-gradient tile 16 output channels × 3 input channels × 9
+//! taps (27 chains, [`chain_tile`]); a stride-2 weight-gradient tile 3 output channels × 9 taps
+//! (27 accumulators, one vector of lane sums each; 1 or 2 for the last channels). The sum order
+//! is the one [`super`] defines.
 //!
 //! VL as well as F: without it LLVM keeps loop-carried accumulators in zmm0–15 only and spills
 //! the rest, since the 128-bit zeroing idiom it uses needs VL to reach zmm16–31.
@@ -18,7 +20,7 @@ const CHANNELS: usize = OUT_BLOCK;
 const MAX_VECTORS: usize = 3;
 /// The forward tile, as `bench --cpu` names it.
 pub(super) const FORWARD_TILE: &str = "8 channels × 3 vectors of 16 positions (in output rows \
-     when the width is a multiple of 16, else on the grid, masked)";
+     when the width is a multiple of 16, in pairs of rows when it is 8, else on the grid, masked)";
 
 /// `dst[..src.len()] = src` with masked vector moves.
 ///
@@ -270,6 +272,9 @@ pub(super) unsafe fn gradient_tile<const N: usize>(
         }
     }
 }
+
+/// The stride-1 weight-gradient tile, as `bench --cpu` names it.
+pub(super) const CHAIN_TILE: &str = "16 output channels × 3 input channels × 9 taps";
 
 /// All chain tiles of one image ([`super::chains`]): for each vector of 16 output channels,
 /// the input channels in runs of up to three (as even as they can be), each run one tile of

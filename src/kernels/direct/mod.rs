@@ -743,49 +743,42 @@ pub fn handles_phase_input_gradient(g: &ConvGeometry) -> bool {
     phases::handles(g) && Isa::chosen().is_some()
 }
 
-/// One line on how the direct kernel blocks its work on this machine: the forward tile of the
-/// chosen instruction set and the weight-gradient image groups (from the L2 size) of a CIFAR
-/// ResNet's stride-1 stages, e.g. `blocking: direct avx2, forward tiles 6 or 5 channels (4 or 2
-/// at the end) × 2 vectors of 8 positions (…); weight-gradient groups of 1 (16 channels at
-/// 32×32), 3 (32 channels at 16×16) images in 256 KiB (half the L2), lane sums kept over chunks
-/// of 16`.
-/// Groups change only when lane sums are parked, not the sums.
+/// One line on how the direct kernel blocks its work on this machine: the forward tile and the
+/// stride-1 weight-gradient tile of the chosen instruction set, and the stride-2 weight-gradient
+/// image groups (from the L2 size) of a CIFAR ResNet's first downsampling convolution, e.g.
+/// `blocking: direct avx2, forward tiles 6 or 5 channels (4 or 2 at the end) × 2 vectors of 8
+/// positions (…); stride-1 weight-gradient tiles 8 output channels × 1 input channel × 9 taps;
+/// stride-2 weight-gradient groups of 3 images (16→32 channels at 32×32) in 256 KiB (half the
+/// L2), lane sums kept over chunks of 16`. Groups change only when lane sums are parked, not
+/// the sums.
 pub fn describe_blocking(chunk: usize) -> String {
     let Some(isa) = Isa::chosen() else {
         return "blocking: no direct kernel (portable path: im2col + GEMM)".into();
     };
     #[cfg(target_arch = "x86_64")]
-    let tile = match isa.0 {
-        Kind::Avx512 => avx512::FORWARD_TILE,
-        Kind::Avx2 => avx2::FORWARD_TILE,
+    let (tile, chain_tile) = match isa.0 {
+        Kind::Avx512 => (avx512::FORWARD_TILE, avx512::CHAIN_TILE),
+        Kind::Avx2 => (avx2::FORWARD_TILE, avx2::CHAIN_TILE),
     };
     // No `Isa` exists off x86-64 (`Isa::chosen` returned above).
     #[cfg(not(target_arch = "x86_64"))]
-    let tile = "";
-    let groups: Vec<String> = [(16, 32), (32, 16)]
-        .into_iter()
-        .map(|(channels, side)| {
-            let g = ConvGeometry {
-                batch: chunk,
-                in_channels: channels,
-                out_channels: channels,
-                height: side,
-                width: side,
-                kernel: 3,
-                stride: 1,
-                padding: 1,
-            };
-            format!(
-                "{} ({channels} channels at {side}×{side})",
-                gradient_group(&g, chunk)
-            )
-        })
-        .collect();
+    let (tile, chain_tile) = ("", "");
+    let downsampling = ConvGeometry {
+        batch: chunk,
+        in_channels: 16,
+        out_channels: 32,
+        height: 32,
+        width: 32,
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
     format!(
-        "blocking: direct {}, forward tiles {tile}; weight-gradient groups of {} images in {} KiB \
-         (half the L2), lane sums kept over chunks of {chunk}",
+        "blocking: direct {}, forward tiles {tile}; stride-1 weight-gradient tiles {chain_tile}; \
+         stride-2 weight-gradient groups of {} images (16→32 channels at 32×32) in {} KiB (half \
+         the L2), lane sums kept over chunks of {chunk}",
         cpu::kernel_path(),
-        groups.join(", "),
+        gradient_group(&downsampling, chunk),
         gradient_group_bytes() / 1024
     )
 }

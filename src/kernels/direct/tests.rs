@@ -326,7 +326,7 @@ fn reference_phase_input_gradient(
                             let (ki, kj) = (t / 3, t % 3);
                             // Tap (ki, kj) of output (a, b) reads pixel (2a + ki − 1, 2b + kj − 1).
                             let (a2, b2) = (r + 1, col + 1);
-                            if (a2 - ki) % 2 != 0 || (b2 - kj) % 2 != 0 || a2 < ki || b2 < kj {
+                            if a2 < ki || b2 < kj || (a2 - ki) % 2 != 0 || (b2 - kj) % 2 != 0 {
                                 continue;
                             }
                             let (a, b) = ((a2 - ki) / 2, (b2 - kj) / 2);
