@@ -577,8 +577,12 @@ pub fn backward(
         && want_weight
         && !matches!(input, InputGradient::Skip)
         && direct::handles_backward(g)
+        && g.batch.div_ceil(REDUCTION_CHUNK) >= rayon::current_num_threads()
     {
-        // Both gradients in one sweep, the output gradient copied once.
+        // Both gradients in one sweep, the output gradient copied once. The sweep runs in
+        // chunks of `REDUCTION_CHUNK` images, so with fewer chunks than threads the gradients
+        // are computed apart instead (the input gradient in tasks of a few images); the bits are
+        // the same either way.
         let (dx, dw) = direct::backward(isa, g, x, weight, dy, plus, REDUCTION_CHUNK);
         return (Some(dx), Some(dw));
     }
@@ -1010,6 +1014,42 @@ mod tests {
             padding: 0,
             ..strided
         }));
+    }
+
+    /// A small batch (fewer chunks than threads) computes the two gradients apart, a large one
+    /// in one sweep: the same bits.
+    #[test]
+    fn backward_in_one_sweep_or_apart_gives_the_same_bits() {
+        let Some(isa) = direct::Isa::chosen() else {
+            eprintln!("no direct kernel on this path: nothing to compare");
+            return;
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let g = ConvGeometry {
+            batch: 3,
+            in_channels: 4,
+            out_channels: 5,
+            height: 16,
+            width: 16,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        assert!(g.batch.div_ceil(REDUCTION_CHUNK) < rayon::current_num_threads().max(2));
+        let x = values(g.batch * g.in_len(), 1);
+        let w = values(g.out_channels * g.patch_len(), 2);
+        let dy = values(g.batch * g.out_len(), 3);
+        let other = values(g.batch * g.in_len(), 4);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a pool of two threads");
+        let (dx, dw) =
+            pool.install(|| backward(&g, &x, &w, &dy, InputGradient::Plus(&other), true));
+        let (swept_dx, swept_dw) =
+            direct::backward(isa, &g, &x, &w, &dy, Some(&other), REDUCTION_CHUNK);
+        assert_eq!(bits(&dx.expect("dx")), bits(&swept_dx));
+        assert_eq!(bits(&dw.expect("dw")), bits(&swept_dw));
     }
 
     /// The gradients are the adjoints of the forward map: for a linear map y = A(x, w),
