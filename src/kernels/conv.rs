@@ -1035,7 +1035,6 @@ mod tests {
             stride: 1,
             padding: 1,
         };
-        assert!(g.batch.div_ceil(REDUCTION_CHUNK) < rayon::current_num_threads().max(2));
         let x = values(g.batch * g.in_len(), 1);
         let w = values(g.out_channels * g.patch_len(), 2);
         let dy = values(g.batch * g.out_len(), 3);
@@ -1044,8 +1043,11 @@ mod tests {
             .num_threads(2)
             .build()
             .expect("a pool of two threads");
-        let (dx, dw) =
-            pool.install(|| backward(&g, &x, &w, &dy, InputGradient::Plus(&other), true));
+        let (dx, dw) = pool.install(|| {
+            // One chunk for two threads: the gradients apart.
+            assert!(g.batch.div_ceil(REDUCTION_CHUNK) < rayon::current_num_threads());
+            backward(&g, &x, &w, &dy, InputGradient::Plus(&other), true)
+        });
         let (swept_dx, swept_dw) =
             direct::backward(isa, &g, &x, &w, &dy, Some(&other), REDUCTION_CHUNK);
         assert_eq!(bits(&dx.expect("dx")), bits(&swept_dx));

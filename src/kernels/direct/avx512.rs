@@ -51,11 +51,15 @@ pub(super) unsafe fn deinterleave_row(src: &[f32], even: &mut [f32], odd: &mut [
     for (k, chunk) in src.chunks(2 * LANES).enumerate() {
         let n = chunk.len();
         let at = k * LANES;
-        // SAFETY: the masks cover the chunk's `n` floats of `src` and its `n / 2` outputs.
+        // SAFETY: the masks cover the chunk's `n` floats of `src` and its `n / 2` outputs (the
+        // second half's address may lie past the row when its mask is empty, hence the
+        // wrapping arithmetic: nothing is read there).
         unsafe {
             let lo = _mm512_maskz_loadu_ps(mask(n), chunk.as_ptr());
-            let hi =
-                _mm512_maskz_loadu_ps(mask(n.saturating_sub(LANES)), chunk.as_ptr().add(LANES));
+            let hi = _mm512_maskz_loadu_ps(
+                mask(n.saturating_sub(LANES)),
+                chunk.as_ptr().wrapping_add(LANES),
+            );
             let out = mask(n / 2);
             _mm512_mask_storeu_ps(
                 even.as_mut_ptr().add(at),
@@ -90,7 +94,9 @@ pub(super) unsafe fn interleave_row(
     for (k, (e, o)) in even.chunks(LANES).zip(odd.chunks(LANES)).enumerate() {
         let n = e.len();
         let at = 2 * k * LANES;
-        // SAFETY: the masks cover the chunk's `n` inputs and its `2n` outputs.
+        // SAFETY: the masks cover the chunk's `n` inputs and its `2n` outputs (the second
+        // half's addresses may lie past the row when its mask is empty, hence the wrapping
+        // arithmetic: nothing is read or written there).
         unsafe {
             let ev = _mm512_maskz_loadu_ps(mask(n), e.as_ptr());
             let ov = _mm512_maskz_loadu_ps(mask(n), o.as_ptr());
@@ -99,10 +105,11 @@ pub(super) unsafe fn interleave_row(
             let mut hi = _mm512_permutex2var_ps(ev, high, ov);
             if let Some(p) = plus {
                 lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, p.as_ptr().add(at)));
-                hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, p.as_ptr().add(at + LANES)));
+                let high_half = p.as_ptr().wrapping_add(at + LANES);
+                hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, high_half));
             }
             _mm512_mask_storeu_ps(dst.add(at), m0, lo);
-            _mm512_mask_storeu_ps(dst.add(at + LANES), m1, hi);
+            _mm512_mask_storeu_ps(dst.wrapping_add(at + LANES), m1, hi);
         }
     }
 }

@@ -3,14 +3,16 @@
 //! forward pass of ResNet's 3×3 convolutions; their input gradient (at stride 1 the forward
 //! pass of the flipped-weight adjoint, at stride 2 in [`phases`]); and their weight gradient
 //! ([`weight_gradient`]: at stride 1 as chains over output-channel vectors, [`chains`], computed
-//! in one sweep with the input gradient; at stride 2 as lane sums on the grid, output planes ≥
-//! 16 wide). No patch matrix is built. This module owns the
+//! in one sweep with the input gradient when the batch has a chunk per thread; at stride 2 as
+//! lane sums on the grid, output planes ≥ 16 wide). No patch matrix is built. This module owns the
 //! layout and the summation order; the register tiles that follow that order are per
 //! instruction set, in [`avx512`] (16 lanes, 32 registers) and [`avx2`] (8 lanes, 16
 //! registers). CPUs with neither (and runs forcing `SPLITAUX_KERNEL_PATH=portable`, see
 //! [`super::cpu`]) use im2col + GEMM instead.
 //!
-//! Each image is copied once into zero-padded planes, `(h + k − 1) × (w + k − 1)` per channel.
+//! Each image is copied once into zero-padded planes, `(h + k − 1) × (w + k − 1)` per channel
+//! (two other layouts below: phase planes at stride 2, and [`Layout::paired`] for the AVX-512
+//! forward tiles on 8-wide planes).
 //! The output is computed on the *padded-width grid*: position `g = oh·w′ + ow` with
 //! `w′ = w + k − 1`, so that for every tap `(ki, kj)` the inputs of consecutive grid positions
 //! are consecutive floats of the padded plane, at `g + ki·w′ + kj`. The `k − 1` grid columns
@@ -154,7 +156,8 @@ enum Positions {
     /// Consecutive grid positions stored straight to the output with lane masks (AVX-512 on
     /// other widths, whose `k` masks are cheap).
     Masked,
-    /// Pairs of output rows 8 wide (AVX-512, 3×3 at stride 1 on 8×8 planes, [`Layout::paired`]):
+    /// Pairs of output rows 8 wide (AVX-512, 3×3 at stride 1 on planes 8 wide and an even number
+    /// of rows high, [`Layout::paired`]):
     /// the input planes have no padding columns, so the 16 inputs of two rows are consecutive;
     /// the taps reaching left or right of a row load with the lanes that would wrap around
     /// masked to zero. Stored whole; no column is dropped (a fifth of the grid was at 8×8).
@@ -302,9 +305,11 @@ impl Scratch {
 /// Sizes of the padded-width layout of one geometry. At stride 1 an input channel is one
 /// padded plane, `(h + k − 1) × (w + k − 1)`; split into phases ([`phase_split`]) it is four
 /// phase planes of `(out_h + 1) × (out_w + 1)`, each with one zero row on top and one zero column
-/// on the left (the taps reach one pixel up and left of a phase plane, never down or right).
+/// on the left (the taps reach one pixel up and left of a phase plane, never down or right);
+/// [`Layout::paired`] has no padding columns at all (`row = w`).
 struct Layout {
-    /// Padded width `w′`: grid positions per output row, and floats per row of a padded plane.
+    /// Grid positions per output row, and floats per row of a plane: the padded width `w′`
+    /// (the width itself in [`Layout::paired`]).
     row: usize,
     /// Floats from one input channel to the next: a padded plane, or four phase planes.
     plane: usize,
@@ -499,7 +504,7 @@ struct Tile<'a> {
     positions: Positions,
     height: usize,
     width: usize,
-    /// Grid positions per output row (the padded width).
+    /// Grid positions per output row (the padded width, or the width in [`Layout::paired`]).
     row: usize,
     /// Grid positions computed (a multiple of every instruction set's vector).
     grid: usize,

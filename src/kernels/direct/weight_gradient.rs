@@ -225,10 +225,9 @@ fn fold_tiles(g: &ConvGeometry, sums: &[f32]) -> Vec<f32> {
     dw
 }
 
-/// A group of images prepared for the weight gradient: padded inputs `x_len` floats apart and
-/// gridded output gradients `dy_len` floats apart, a channel's grid `dy_plane` floats from the
-/// next one's (the grid itself in a gridded buffer; a padded plane when the grids are read off
-/// padded output gradients, see [`backward`]).
+/// A group of images prepared for the lane-sum weight gradient: padded inputs `x_len` floats
+/// apart and gridded output gradients `dy_len` floats apart, a channel's grid `dy_plane` floats
+/// from the next one's (the laid-out output gradients of [`Layout::lay_gradient`]).
 pub(super) struct GradientGroup<'a> {
     pub(super) padded: &'a [f32],
     pub(super) gridded: &'a [f32],
