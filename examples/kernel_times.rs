@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use splitaux::kernels::batch_norm::{self, NormShape, ReluGate};
 use splitaux::kernels::conv::{self, ConvGeometry};
+use splitaux::kernels::output_gradient::OutputGradient;
 
 /// The fastest of `reps` timed calls (after one untimed): on a shared VM the minimum is the
 /// estimate least disturbed by other tenants.
@@ -66,14 +67,21 @@ fn main() {
             } else {
                 conv::InputGradient::Skip
             };
-            std::hint::black_box(conv::backward(&g, &x, &w, &dy, input, true));
+            std::hint::black_box(conv::backward(
+                &g,
+                &x,
+                &w,
+                OutputGradient::Given(&dy),
+                input,
+                true,
+            ));
         });
         let dw = time(5, || {
             std::hint::black_box(conv::backward(
                 &g,
                 &x,
                 &w,
-                &dy,
+                OutputGradient::Given(&dy),
                 conv::InputGradient::Skip,
                 true,
             ));

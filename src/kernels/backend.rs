@@ -15,6 +15,7 @@ use super::batch_norm::{self, NormShape, ReluGate, Stats};
 use super::conv::{self, InputGradient};
 use super::fork::Fork;
 use super::geometry::ConvGeometry;
+use super::output_gradient::OutputGradient;
 use super::shortcut::{self, ShortcutShape};
 
 /// Operations splitaux supplies to burn for its CPU backend.
@@ -74,6 +75,44 @@ pub trait CpuKernels: Backend {
         fork: Option<Fork>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// [`conv2d_nchw`](CpuKernels::conv2d_nchw) and then
+    /// [`batch_norm_nchw`](CpuKernels::batch_norm_nchw) on its output, as one op with the same
+    /// results: its backward makes the normalization's input gradient image by image inside the
+    /// convolution's backward sweep (see `OutputGradient`) instead of through memory.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, k, k]`
+    /// - output: `[batch, out, h', w']`; `gamma`, `beta`, mean, variance: `[out]`
+    fn conv_batch_norm_nchw(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        conv: ConvSpec,
+        relu: bool,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`conv2d_nchw`](CpuKernels::conv2d_nchw) and then
+    /// [`batch_norm_add_relu_nchw`](CpuKernels::batch_norm_add_relu_nchw) on its output, as one
+    /// op (see [`conv_batch_norm_nchw`](CpuKernels::conv_batch_norm_nchw)); `fork` is the
+    /// residual's.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, k, k]`
+    /// - `residual`, output: `[batch, out, h', w']`; `gamma`, `beta`, mean, variance: `[out]`
+    #[allow(clippy::too_many_arguments)]
+    fn conv_batch_norm_add_relu_nchw(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        conv: ConvSpec,
+        epsilon: f64,
+        fork: Option<Fork>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
     /// The option-A shortcut: every `stride`-th row and column, then `pad` zero channels on
     /// each side. With a `fork` (`x` is the block's input, see [`Fork`]), the gradient of `x`
     /// is handed over to it.
@@ -87,6 +126,15 @@ pub trait CpuKernels: Backend {
         pad: usize,
         fork: Option<Fork>,
     ) -> FloatTensor<Self>;
+}
+
+/// A convolution's arguments besides its tensors: square kernel, `stride` and `padding` on both
+/// axes, and the [`Fork`] of its input when that is a residual block's input.
+#[derive(Debug, Clone)]
+pub struct ConvSpec {
+    pub stride: usize,
+    pub padding: usize,
+    pub fork: Option<Fork>,
 }
 
 /// `t` in a dense row-major buffer (a copy only if it was a strided view).
@@ -233,6 +281,33 @@ impl CpuKernels for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         norm_plain([x, gamma, beta, residual], true, epsilon)
     }
+
+    fn conv_batch_norm_nchw(
+        x: FlexTensor,
+        weight: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        conv: ConvSpec,
+        relu: bool,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let h = conv_forward(&dense(x), &dense(weight), conv.stride, conv.padding);
+        norm_plain([h, gamma, beta], relu, epsilon)
+    }
+
+    fn conv_batch_norm_add_relu_nchw(
+        x: FlexTensor,
+        weight: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        residual: FlexTensor,
+        conv: ConvSpec,
+        epsilon: f64,
+        _: Option<Fork>,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let h = conv_forward(&dense(x), &dense(weight), conv.stride, conv.padding);
+        norm_plain([h, gamma, beta, residual], true, epsilon)
+    }
 }
 
 /// BatchNorm forward on `[x, gamma, beta]` or `[x, gamma, beta, residual]`: `(y, mean, variance)`.
@@ -279,29 +354,70 @@ fn hand_over(fork: Option<&Fork>, gradient: Vec<f32>) -> Option<Vec<f32>> {
     }
 }
 
-/// Backward node of [`CpuKernels::conv2d_nchw`]; parents `[x, weight]`.
-#[derive(Debug)]
-struct ConvBackward;
+/// What a convolution's backward needs from its forward.
+#[derive(Debug, Clone)]
+struct ConvState {
+    /// Dense input and weight.
+    x: FlexTensor,
+    weight: FlexTensor,
+    stride: usize,
+    padding: usize,
+    /// The fork it claimed.
+    fork: Option<Fork>,
+}
 
-impl Backward<Flex, 2> for ConvBackward {
-    /// Dense input, dense weight, stride, padding, and the fork it claimed.
-    type State = (FlexTensor, FlexTensor, usize, usize, Option<Fork>);
+impl ConvState {
+    /// The state of a tracked convolution; claims `spec`'s fork when the input is tracked (its
+    /// backward computes an input gradient only then).
+    fn claiming(x: FlexTensor, weight: FlexTensor, spec: ConvSpec, x_tracked: bool) -> Self {
+        let fork = spec.fork.filter(|_| x_tracked);
+        fork.iter().for_each(Fork::claim);
+        ConvState {
+            x,
+            weight,
+            stride: spec.stride,
+            padding: spec.padding,
+            fork,
+        }
+    }
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, weight, stride, padding, fork) = ops.state;
-        let dy = dense(grads.consume::<Flex>(&ops.node));
-        let [want_x, want_w] = ops.parents.each_ref().map(Option::is_some);
-        let other = fork.and_then(|fork| fork.collect());
+    /// `(dx, dw)`, each when wanted, from the output gradient `dy`; `dx` with what the fork
+    /// collects added.
+    fn gradients(
+        self,
+        dy: OutputGradient<'_>,
+        [want_x, want_w]: [bool; 2],
+    ) -> [Option<FlexTensor>; 2] {
+        let other = self.fork.and_then(|fork| fork.collect());
         let input = match (&other, want_x) {
             (_, false) => InputGradient::Skip,
             (Some(other), true) => InputGradient::Plus(other),
             (None, true) => InputGradient::Plain,
         };
-        let g = geometry(&x, &weight, stride, padding);
-        let (dx, dw) = conv::backward(&g, values(&x), values(&weight), values(&dy), input, want_w);
-        let dx = dx.map(|dx| flex(dx, x.layout().shape().clone()));
-        let dw = dw.map(|dw| flex(dw, weight.layout().shape().clone()));
-        register(grads, ops.parents.map(|p| p.map(|node| node.id)), [dx, dw]);
+        let (x, weight) = (&self.x, &self.weight);
+        let g = geometry(x, weight, self.stride, self.padding);
+        let (dx, dw) = conv::backward(&g, values(x), values(weight), dy, input, want_w);
+        [
+            dx.map(|dx| flex(dx, x.layout().shape().clone())),
+            dw.map(|dw| flex(dw, weight.layout().shape().clone())),
+        ]
+    }
+}
+
+/// Backward node of [`CpuKernels::conv2d_nchw`]; parents `[x, weight]`.
+#[derive(Debug)]
+struct ConvBackward;
+
+impl Backward<Flex, 2> for ConvBackward {
+    type State = ConvState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let wanted = ops.parents.each_ref().map(Option::is_some);
+        let gradients = ops
+            .state
+            .gradients(OutputGradient::Given(values(&dy)), wanted);
+        register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
     }
 }
 
@@ -327,12 +443,97 @@ impl Backward<Flex, 1> for ShortcutBackward {
 struct NormState {
     x: FlexTensor,
     gamma: FlexTensor,
-    mean: Vec<f32>,
-    variance: Vec<f32>,
+    stats: Stats,
     gate: GateState,
+    /// Whether a residual was added (the backward then hands its gradient on).
+    residual: bool,
     epsilon: f64,
     /// Where the residual's gradient is handed over (see [`Fork`]).
     fork: Option<Fork>,
+}
+
+impl NormState {
+    /// The state of a tracked BatchNorm of `x` whose forward gave `y` and `stats`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        x: FlexTensor,
+        [gamma, beta]: [FlexTensor; 2],
+        y: &FlexTensor,
+        stats: Stats,
+        relu: bool,
+        residual: bool,
+        epsilon: f64,
+        fork: Option<Fork>,
+    ) -> Self {
+        // Without a residual the ReLU's mask follows from x; with one, from the output.
+        let gate = match (relu, residual) {
+            (false, _) => GateState::Open,
+            (true, true) => GateState::Output(y.clone()),
+            (true, false) => {
+                let (scale, shift) =
+                    batch_norm::affine(values(&gamma), values(&beta), &stats, epsilon);
+                GateState::Affine { scale, shift }
+            }
+        };
+        NormState {
+            x,
+            gamma,
+            stats,
+            gate,
+            residual,
+            epsilon,
+            // Kept only if a convolution will collect.
+            fork: fork.filter(Fork::is_claimed),
+        }
+    }
+
+    /// The first half of the backward pass, for the output gradient `dy`.
+    fn sums(&self, dy: &[f32]) -> batch_norm::Sums {
+        batch_norm::backward_sums(
+            norm_shape(&self.x),
+            values(&self.x),
+            dy,
+            self.gate.gate(),
+            values(&self.gamma),
+            &self.stats,
+            self.residual,
+            self.epsilon,
+        )
+    }
+
+    /// The input gradient that [`sums`](Self::sums) prepared, made on demand (`dy` may be left
+    /// out when the sums wrote the gated gradient out, see [`forget_output`](Self::forget_output)).
+    fn input_gradient<'a>(
+        &'a self,
+        dy: Option<&'a [f32]>,
+        sums: &'a batch_norm::Sums,
+    ) -> batch_norm::InputGradient<'a> {
+        let (x, gate) = (values(&self.x), self.gate.gate());
+        batch_norm::InputGradient::new(norm_shape(&self.x), x, dy, gate, sums)
+    }
+
+    /// Drops the forward output the ReLU gate reads, once [`sums`](Self::sums) wrote the gated
+    /// gradient out (with a residual): the input gradient reads that instead.
+    fn forget_output(&mut self, sums: &batch_norm::Sums) {
+        if sums.d_residual.is_some() {
+            self.gate = GateState::Open;
+        }
+    }
+
+    /// `[dgamma, dbeta, d_residual]` as tensors, the residual's handed over to the fork when it
+    /// waits for it.
+    fn parameter_gradients(&self, sums: batch_norm::Sums) -> [Option<FlexTensor>; 3] {
+        let c = self.stats.mean.len();
+        let d_residual = sums
+            .d_residual
+            .and_then(|d| hand_over(self.fork.as_ref(), d))
+            .map(|d| flex(d, self.x.layout().shape().clone()));
+        [
+            Some(flex(sums.dgamma, [c])),
+            Some(flex(sums.dbeta, [c])),
+            d_residual,
+        ]
+    }
 }
 
 /// The owned form of [`ReluGate`].
@@ -364,32 +565,43 @@ impl<const N: usize> Backward<Flex, N> for NormBackward<N> {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let s = ops.state;
         let dy = dense(grads.consume::<Flex>(&ops.node));
-        let stats = Stats {
-            mean: s.mean,
-            variance: s.variance,
-        };
-        let shape = norm_shape(&s.x);
-        let g = batch_norm::backward(
-            shape,
-            values(&s.x),
-            values(&dy),
-            s.gate.gate(),
-            values(&s.gamma),
-            &stats,
-            N == 4,
-            s.epsilon,
+        let sums = s.sums(values(&dy));
+        let dx = flex(
+            s.input_gradient(Some(values(&dy)), &sums).whole(),
+            s.x.layout().shape().clone(),
         );
-        let full = s.x.layout().shape().clone();
-        let c = shape.channels;
-        let mut gradients = [
-            Some(flex(g.dx, full.clone())),
-            Some(flex(g.dgamma, [c])),
-            Some(flex(g.dbeta, [c])),
-            g.d_residual
-                .and_then(|d| hand_over(s.fork.as_ref(), d))
-                .map(|d| flex(d, full)),
-        ]
-        .into_iter();
+        let [dgamma, dbeta, d_residual] = s.parameter_gradients(sums);
+        let mut gradients = [Some(dx), dgamma, dbeta, d_residual].into_iter();
+        let gradients: [Option<FlexTensor>; N] =
+            std::array::from_fn(|_| gradients.next().flatten());
+        register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
+    }
+}
+
+/// Backward node of [`CpuKernels::conv_batch_norm_nchw`]; parents `[x, weight, gamma, beta]`,
+/// plus `residual` when `N = 5`.
+#[derive(Debug)]
+struct ConvNormBackward<const N: usize>;
+
+impl<const N: usize> Backward<Flex, N> for ConvNormBackward<N> {
+    type State = (ConvState, NormState);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (conv, mut norm) = ops.state;
+        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let sums = norm.sums(values(&dy));
+        // With a residual the sums wrote the gated gradient out: the output gradient and the
+        // forward output go before the convolution's backward (lower peak memory).
+        norm.forget_output(&sums);
+        let dy = sums.d_residual.is_none().then_some(dy);
+        let wanted = [0, 1].map(|i| ops.parents[i].is_some());
+        // The convolution's output gradient is the normalization's input gradient, made image by
+        // image in the convolution's backward.
+        let dh = norm.input_gradient(dy.as_ref().map(values), &sums);
+        let dh = OutputGradient::Normalized(dh);
+        let [dx, dw] = conv.gradients(dh, wanted);
+        let [dgamma, dbeta, d_residual] = norm.parameter_gradients(sums);
+        let mut gradients = [dx, dw, dgamma, dbeta, d_residual].into_iter();
         let gradients: [Option<FlexTensor>; N] =
             std::array::from_fn(|_| gradients.next().flatten());
         register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
@@ -414,27 +626,63 @@ fn norm_autodiff<C: CheckpointStrategy, const N: usize>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            // Without a residual the ReLU's mask follows from x; with one, from the output.
-            let gate = match (relu, residual.is_some()) {
-                (false, _) => GateState::Open,
-                (true, true) => GateState::Output(y.clone()),
-                (true, false) => {
-                    let (scale, shift) =
-                        batch_norm::affine(values(&gamma), values(&beta), &stats, epsilon);
-                    GateState::Affine { scale, shift }
-                }
-            };
-            let state = NormState {
+            let has_residual = residual.is_some();
+            let state = NormState::new(
                 x,
-                gamma,
-                mean: stats.mean,
-                variance: stats.variance,
-                gate,
+                [gamma, beta],
+                &y,
+                stats,
+                relu,
+                has_residual,
                 epsilon,
-                // Kept only if a convolution will collect.
-                fork: fork.filter(Fork::is_claimed),
-            };
+                fork,
+            );
             prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    (output, AdTensor::new(mean), AdTensor::new(variance))
+}
+
+/// Runs a convolution and the BatchNorm of its output on autodiff inputs `[x, weight, gamma,
+/// beta]` (and `residual` when `N = 5`), recording `ConvNormBackward<N>` when tracked.
+fn conv_norm_autodiff<C: CheckpointStrategy, const N: usize>(
+    inputs: [&AdTensor; N],
+    conv: ConvSpec,
+    relu: bool,
+    epsilon: f64,
+    fork: Option<Fork>,
+) -> (AdTensor, AdTensor, AdTensor) {
+    let mut dense_inputs = inputs.iter().map(|t| dense(t.primitive().clone()));
+    let mut next = || {
+        dense_inputs
+            .next()
+            .expect("a convolution and BatchNorm take x, weight, gamma and beta")
+    };
+    let (x, weight, gamma, beta) = (next(), next(), next(), next());
+    let residual = dense_inputs.next();
+    let h = conv_forward(&x, &weight, conv.stride, conv.padding);
+    let (y, stats) = norm_forward(&h, &gamma, &beta, residual.as_ref(), relu, epsilon);
+    let (mean, variance) = stats_tensors(&stats);
+    let output = match ConvNormBackward::<N>
+        .prepare::<C>(inputs.map(|t| t.node()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let conv = ConvState::claiming(x, weight, conv, inputs[0].is_tracked());
+            let has_residual = residual.is_some();
+            let norm = NormState::new(
+                h,
+                [gamma, beta],
+                &y,
+                stats,
+                relu,
+                has_residual,
+                epsilon,
+                fork,
+            );
+            prep.finish((conv, norm), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
@@ -505,10 +753,12 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                // Its backward computes an input gradient only for a tracked input.
-                let fork = fork.filter(|_| x.is_tracked());
-                fork.iter().for_each(Fork::claim);
-                prep.finish((xp, wp, stride, padding, fork), y)
+                let spec = ConvSpec {
+                    stride,
+                    padding,
+                    fork,
+                };
+                prep.finish(ConvState::claiming(xp, wp, spec, x.is_tracked()), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
@@ -533,5 +783,31 @@ impl<C: CheckpointStrategy> CpuKernels for Autodiff<Flex, C> {
         fork: Option<Fork>,
     ) -> (AdTensor, AdTensor, AdTensor) {
         norm_autodiff::<C, 4>([&x, &gamma, &beta, &residual], true, epsilon, fork)
+    }
+
+    fn conv_batch_norm_nchw(
+        x: AdTensor,
+        weight: AdTensor,
+        gamma: AdTensor,
+        beta: AdTensor,
+        conv: ConvSpec,
+        relu: bool,
+        epsilon: f64,
+    ) -> (AdTensor, AdTensor, AdTensor) {
+        conv_norm_autodiff::<C, 4>([&x, &weight, &gamma, &beta], conv, relu, epsilon, None)
+    }
+
+    fn conv_batch_norm_add_relu_nchw(
+        x: AdTensor,
+        weight: AdTensor,
+        gamma: AdTensor,
+        beta: AdTensor,
+        residual: AdTensor,
+        conv: ConvSpec,
+        epsilon: f64,
+        fork: Option<Fork>,
+    ) -> (AdTensor, AdTensor, AdTensor) {
+        let inputs = [&x, &weight, &gamma, &beta, &residual];
+        conv_norm_autodiff::<C, 5>(inputs, conv, true, epsilon, fork)
     }
 }

@@ -1,7 +1,9 @@
 //! Training-mode BatchNorm on NCHW `f32` slices, fused with what follows it in a ResNet: an
 //! optional residual addition and an optional ReLU. Forward is two passes over the input
 //! (statistics per channel, then the affine map per image); backward is two passes (two sums per
-//! channel, then the input gradient per image). burn's generic formulation instead transposes the
+//! channel, which also write out the residual's gradient; then the input gradient per image,
+//! which an [`InputGradient`] makes on demand, e.g. inside the backward sweep of the convolution
+//! before the normalization). burn's generic formulation instead transposes the
 //! input to reduce it and runs about a dozen element-wise tensor ops, each with its own buffer.
 //!
 //! Each pass works one run (one image's plane of one channel) at a time, in a leaf function
@@ -12,7 +14,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::REDUCTION_CHUNK;
-use super::buffer::{filled, filled_pair};
+use super::buffer::filled;
 use super::vectorize::{Lanes8, avx2_or_baseline};
 
 /// Layout of a BatchNorm input `[batch, channels, plane]` (plane = h·w).
@@ -37,18 +39,32 @@ impl NormShape {
         self.channels * self.plane
     }
 
-    /// Per-channel `(Σ a, Σ b)` where `run(n, c)` gives the two sums over image `n`, channel
-    /// `c`. Chunks of whole images are summed in parallel (streaming through memory) and added
-    /// in a fixed order.
-    fn channel_sums(&self, run: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+    /// Per-channel `(Σ a, Σ b)` where `run(n, c, out)` gives the two sums over image `n`, channel
+    /// `c` (and writes that run of `store`, when given, as `out`). Chunks of whole images are
+    /// summed in parallel (streaming through memory) and added in a fixed order.
+    fn channel_sums(
+        &self,
+        store: Option<&mut [MaybeUninit<f32>]>,
+        run: impl Fn(usize, usize, Option<&mut [MaybeUninit<f32>]>) -> (f64, f64) + Sync,
+    ) -> Vec<(f64, f64)> {
         let per = REDUCTION_CHUNK;
-        let partials: Vec<Vec<(f64, f64)>> = (0..self.batch.div_ceil(per))
+        let tasks = self.batch.div_ceil(per);
+        let stores: Vec<Option<&mut [MaybeUninit<f32>]>> = match store {
+            Some(out) => out.chunks_mut(per * self.image()).map(Some).collect(),
+            None => (0..tasks).map(|_| None).collect(),
+        };
+        let partials: Vec<Vec<(f64, f64)>> = stores
             .into_par_iter()
-            .map(|task| {
+            .enumerate()
+            .map(|(task, mut store)| {
                 let mut sums = vec![(0.0, 0.0); self.channels];
                 for n in task * per..((task + 1) * per).min(self.batch) {
                     for (c, sum) in sums.iter_mut().enumerate() {
-                        let (a, b) = run(n, c);
+                        let out = store.as_deref_mut().map(|out| {
+                            &mut out[((n - task * per) * self.channels + c) * self.plane..]
+                                [..self.plane]
+                        });
+                        let (a, b) = run(n, c, out);
                         sum.0 += a;
                         sum.1 += b;
                     }
@@ -74,6 +90,7 @@ impl NormShape {
 
 /// Batch statistics: per-channel mean and biased variance (what BatchNorm normalizes with and
 /// what its running statistics are fed).
+#[derive(Debug, Clone)]
 pub struct Stats {
     pub mean: Vec<f32>,
     pub variance: Vec<f32>,
@@ -139,7 +156,7 @@ avx2_or_baseline! {
 fn statistics(s: NormShape, x: &[f32]) -> Stats {
     // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
     let shift: Vec<f32> = (0..s.channels).map(|c| x[c * s.plane]).collect();
-    let sums = s.channel_sums(|n, c| shifted_sums(s.run(x, n, c), shift[c]));
+    let sums = s.channel_sums(None, |n, c, _| shifted_sums(s.run(x, n, c), shift[c]));
     let (mean, variance) = sums
         .iter()
         .zip(&shift)
@@ -209,8 +226,23 @@ fn pass(open: bool, d: f32) -> f32 {
 }
 
 avx2_or_baseline! {
-    /// `(Σ g, Σ g·(x − mean))` over one run, `g` the gated output gradient.
-    fn gated_sums(x: &[f32], dy: &[f32], gate: RunGate<'_>, mean: f32) -> (f64, f64) {
+    /// `(Σ g, Σ g·(x − mean))` over one run, `g` the gated output gradient; with `store`, `g`
+    /// is also written there (the gradient reaching a residual), then summed from it.
+    fn gated_sums(
+        x: &[f32],
+        dy: &[f32],
+        gate: RunGate<'_>,
+        mean: f32,
+        store: Option<&mut [MaybeUninit<f32>]>,
+    ) -> (f64, f64) {
+        let gated: &[f32];
+        let (dy, gate) = match store {
+            Some(out) => {
+                gated = gate_run(out, x, dy, gate);
+                (gated, RunGate::Open)
+            }
+            None => (dy, gate),
+        };
         // One loop per gate, so that no loop tests the gate's kind per element.
         // SAFETY: `V` is this copy's lane type, whose instruction set the copy runs with.
         unsafe {
@@ -231,6 +263,40 @@ avx2_or_baseline! {
             }
         }
     }
+}
+
+/// `out = g`, the run's output gradient `dy` through `gate` (bit for bit what the reductions'
+/// [`Lanes8::where_positive`] passes); returns `out`, initialized.
+#[inline(always)]
+fn gate_run<'o>(
+    out: &'o mut [MaybeUninit<f32>],
+    x: &[f32],
+    dy: &[f32],
+    gate: RunGate<'_>,
+) -> &'o [f32] {
+    assert!(
+        out.len() == dy.len() && x.len() == dy.len(),
+        "batch norm: gate lengths"
+    );
+    match gate {
+        RunGate::Open => {
+            for (o, &d) in out.iter_mut().zip(dy) {
+                o.write(d);
+            }
+        }
+        RunGate::Output(y) => {
+            for ((o, &d), &y) in out.iter_mut().zip(dy).zip(y) {
+                o.write(pass(y > 0.0, d));
+            }
+        }
+        RunGate::Affine(a, b) => {
+            for ((o, &d), &x) in out.iter_mut().zip(dy).zip(x) {
+                o.write(pass(x * a + b > 0.0, d));
+            }
+        }
+    }
+    // SAFETY: every element was just written.
+    unsafe { std::slice::from_raw_parts(out.as_ptr().cast(), out.len()) }
 }
 
 avx2_or_baseline! {
@@ -268,10 +334,9 @@ struct DxCoefficients {
 }
 
 avx2_or_baseline! {
-    /// One run of the input gradient (and of the residual's, `g` itself, when `dr` is given).
+    /// One run of the input gradient, `dx = k_g·g + k_x·(x − mean) + k_0` with `g = gate(dy)`.
     fn input_gradient_run(
         dx: &mut [MaybeUninit<f32>],
-        dr: Option<&mut [MaybeUninit<f32>]>,
         x_dy: (&[f32], &[f32]),
         gate: RunGate<'_>,
         k: DxCoefficients,
@@ -279,10 +344,10 @@ avx2_or_baseline! {
         let (x, dy) = x_dy;
         // One loop per gate (see `gated_sums`); `dy` stands in for the outputs the gate ignores.
         match gate {
-            RunGate::Open => dx_loop(dx, dr, [x, dy, dy], k, |_, d, _| d),
-            RunGate::Output(y) => dx_loop(dx, dr, [x, dy, y], k, |_, d, y| pass(y > 0.0, d)),
+            RunGate::Open => dx_loop(dx, [x, dy, dy], k, |_, d, _| d),
+            RunGate::Output(y) => dx_loop(dx, [x, dy, y], k, |_, d, y| pass(y > 0.0, d)),
             RunGate::Affine(a, b) => {
-                dx_loop(dx, dr, [x, dy, dy], k, |x, d, _| pass(x * a + b > 0.0, d))
+                dx_loop(dx, [x, dy, dy], k, |x, d, _| pass(x * a + b > 0.0, d))
             }
         }
     }
@@ -293,26 +358,16 @@ avx2_or_baseline! {
 #[inline(always)]
 fn dx_loop(
     dx: &mut [MaybeUninit<f32>],
-    dr: Option<&mut [MaybeUninit<f32>]>,
     [x, dy, y]: [&[f32]; 3],
     k: DxCoefficients,
     gate: impl Fn(f32, f32, f32) -> f32,
 ) {
-    let dx_of = |x: f32, g: f32| k.k_g * g + k.k_x * (x - k.mean) + k.k_0;
-    let elements = dx.iter_mut().zip(x).zip(dy).zip(y);
-    match dr {
-        Some(dr) => {
-            for ((((dx, &x), &d), &y), dr) in elements.zip(dr) {
-                let g = gate(x, d, y);
-                dr.write(g);
-                dx.write(dx_of(x, g));
-            }
-        }
-        None => {
-            for (((dx, &x), &d), &y) in elements {
-                dx.write(dx_of(x, gate(x, d, y)));
-            }
-        }
+    assert!(
+        x.len() == dx.len() && dy.len() == dx.len() && y.len() == dx.len(),
+        "batch norm backward: run lengths"
+    );
+    for (((dx, &x), &d), &y) in dx.iter_mut().zip(x).zip(dy).zip(y) {
+        dx.write(k.k_g * gate(x, d, y) + k.k_x * (x - k.mean) + k.k_0);
     }
 }
 
@@ -366,6 +421,163 @@ pub struct Gradients {
     pub dbeta: Vec<f32>,
 }
 
+/// The backward pass's first half ([`backward_sums`]): everything but the input gradient, and
+/// what the input gradient needs ([`InputGradient`]).
+pub struct Sums {
+    coefficients: Vec<DxCoefficients>,
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
+    /// The gated output gradient, which is the residual's gradient (present when the epilogue
+    /// adds one).
+    pub d_residual: Option<Vec<f32>>,
+}
+
+/// The first pass of [`backward`]: two sums per channel over the gated output gradient `g`
+/// (and `g` itself, written out when `residual`: the residual's gradient).
+///
+/// # Shapes
+/// - `x`, `dy`, returned `d_residual`: `[batch, channels, plane]`
+/// - `gamma`, `stats`, returned `dgamma`, `dbeta`: `[channels]`
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sums(
+    s: NormShape,
+    x: &[f32],
+    dy: &[f32],
+    gate: ReluGate<'_>,
+    gamma: &[f32],
+    stats: &Stats,
+    residual: bool,
+    epsilon: f64,
+) -> Sums {
+    assert!(
+        x.len() == s.len() && dy.len() == s.len(),
+        "batch norm backward: lengths"
+    );
+    // g = the gated dy: the gradient at the affine map's output (and at the residual).
+    // Σ g and Σ g·(x − mean) per channel.
+    let sums_of = |store: Option<&mut [MaybeUninit<f32>]>| {
+        s.channel_sums(store, |n, c, out| {
+            let (xr, dyr) = (s.run(x, n, c), s.run(dy, n, c));
+            gated_sums(xr, dyr, gate.run(s, n, c), stats.mean[c], out)
+        })
+    };
+    let mut sums = Vec::new();
+    let d_residual = residual.then(|| {
+        // SAFETY: every image and channel writes its whole run of `g`.
+        unsafe { filled(s.len(), |g| sums = sums_of(Some(g))) }
+    });
+    if !residual {
+        sums = sums_of(None);
+    }
+    let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) =
+        sums.into_iter().map(|(a, b)| (a as f32, b as f32)).unzip();
+
+    // dx = γ·σ⁻¹·(g − Σg/M − x̂·Σ(g·x̂)/M), with x̂ = (x − mean)·σ⁻¹, written as k_g·g + k_x·(x − mean) + k_0.
+    let m = s.count() as f32;
+    let mut dgamma = vec![0.0; s.channels];
+    let mut coefficients = Vec::with_capacity(s.channels);
+    for c in 0..s.channels {
+        let inv = inv_std(stats.variance[c], epsilon);
+        dgamma[c] = dgamma_raw[c] * inv;
+        let k_g = gamma[c] * inv;
+        coefficients.push(DxCoefficients {
+            k_g,
+            k_x: -k_g * inv * dgamma[c] / m,
+            k_0: -k_g * dbeta[c] / m,
+            mean: stats.mean[c],
+        });
+    }
+    Sums {
+        coefficients,
+        dgamma,
+        dbeta,
+        d_residual,
+    }
+}
+
+/// BatchNorm's input gradient, the backward pass's second half, computed image by image on
+/// demand: inside the backward sweep of the convolution whose output the normalization read,
+/// it is made one image at a time in cache and never goes through memory whole.
+#[derive(Clone, Copy)]
+pub struct InputGradient<'a> {
+    shape: NormShape,
+    x: &'a [f32],
+    /// The output gradient, or the gated one (`g`) when it was written out.
+    d: &'a [f32],
+    gate: ReluGate<'a>,
+    coefficients: &'a [DxCoefficients],
+}
+
+impl<'a> InputGradient<'a> {
+    /// The input gradient of [`backward_sums`]'s pass, with its arguments `s`, `x`, `dy` and
+    /// `gate`. When the sums wrote the gated gradient out (`residual`), it reads that instead,
+    /// and `dy` and `gate` may be left out (`None`, [`ReluGate::Open`]).
+    pub fn new(
+        s: NormShape,
+        x: &'a [f32],
+        dy: Option<&'a [f32]>,
+        gate: ReluGate<'a>,
+        sums: &'a Sums,
+    ) -> Self {
+        // With `g` written out, read it (already gated) instead of `dy` and the gate's input.
+        let (d, gate) = match (&sums.d_residual, dy) {
+            (Some(g), _) => (&g[..], ReluGate::Open),
+            (None, Some(dy)) => (dy, gate),
+            (None, None) => panic!("batch norm input gradient: no output gradient"),
+        };
+        assert!(
+            x.len() == s.len() && d.len() == s.len() && sums.coefficients.len() == s.channels,
+            "batch norm input gradient: lengths"
+        );
+        InputGradient {
+            shape: s,
+            x,
+            d,
+            gate,
+            coefficients: &sums.coefficients,
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.shape.batch
+    }
+
+    /// Floats per image, `channels · plane`.
+    pub fn image_len(&self) -> usize {
+        self.shape.image()
+    }
+
+    /// Image `n` of the input gradient into `dx` (all `image_len` elements written).
+    pub fn image(&self, n: usize, dx: &mut [MaybeUninit<f32>]) {
+        let s = self.shape;
+        assert!(
+            n < s.batch && dx.len() == s.image(),
+            "batch norm input gradient: image {n} of {} into {} floats",
+            s.batch,
+            dx.len()
+        );
+        for (c, &k) in self.coefficients.iter().enumerate() {
+            input_gradient_run(
+                &mut dx[c * s.plane..][..s.plane],
+                (s.run(self.x, n, c), s.run(self.d, n, c)),
+                self.gate.run(s, n, c),
+                k,
+            );
+        }
+    }
+
+    /// The whole input gradient, `[batch, channels, plane]`, images in parallel.
+    pub fn whole(&self) -> Vec<f32> {
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(self.image_len())
+                .enumerate()
+                .for_each(|(n, dxn)| self.image(n, dxn));
+        };
+        // SAFETY: `image` writes each image whole.
+        unsafe { filled(self.shape.len(), fill) }
+    }
+}
+
 /// Gradients of [`forward`] given the output gradient `dy`; `gate` says where the ReLU (if
 /// any) passed the gradient.
 ///
@@ -383,73 +595,13 @@ pub fn backward(
     residual: bool,
     epsilon: f64,
 ) -> Gradients {
-    assert!(
-        x.len() == s.len() && dy.len() == s.len(),
-        "batch norm backward: lengths"
-    );
-    // g = the gated dy: the gradient at the affine map's output (and at the residual).
-    // Σ g and Σ g·(x − mean) per channel.
-    let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) = s
-        .channel_sums(|n, c| {
-            let (xr, dyr) = (s.run(x, n, c), s.run(dy, n, c));
-            gated_sums(xr, dyr, gate.run(s, n, c), stats.mean[c])
-        })
-        .into_iter()
-        .map(|(a, b)| (a as f32, b as f32))
-        .unzip();
-
-    // dx = γ·σ⁻¹·(g − Σg/M − x̂·Σ(g·x̂)/M), with x̂ = (x − mean)·σ⁻¹, written as k_g·g + k_x·(x − mean) + k_0.
-    let m = s.count() as f32;
-    let mut dgamma = vec![0.0; s.channels];
-    let mut coefficients = Vec::with_capacity(s.channels);
-    for c in 0..s.channels {
-        let inv = inv_std(stats.variance[c], epsilon);
-        dgamma[c] = dgamma_raw[c] * inv;
-        let k_g = gamma[c] * inv;
-        coefficients.push(DxCoefficients {
-            k_g,
-            k_x: -k_g * inv * dgamma[c] / m,
-            k_0: -k_g * dbeta[c] / m,
-            mean: stats.mean[c],
-        });
-    }
-
-    let image = s.image();
-    let fill = |dx: &mut [MaybeUninit<f32>], d_residual: Option<&mut [MaybeUninit<f32>]>| {
-        let d_residual_runs: Vec<Option<&mut [MaybeUninit<f32>]>> = match d_residual {
-            Some(d) => d.chunks_mut(image).map(Some).collect(),
-            None => (0..s.batch).map(|_| None).collect(),
-        };
-        dx.par_chunks_mut(image)
-            .zip(d_residual_runs)
-            .enumerate()
-            .for_each(|(n, (dxn, mut drn))| {
-                for (c, &k) in coefficients.iter().enumerate() {
-                    let range = c * s.plane..(c + 1) * s.plane;
-                    input_gradient_run(
-                        &mut dxn[range.clone()],
-                        drn.as_deref_mut().map(|dr| &mut dr[range]),
-                        (s.run(x, n, c), s.run(dy, n, c)),
-                        gate.run(s, n, c),
-                        k,
-                    );
-                }
-            });
-    };
-    // SAFETY: every image and channel writes its whole range of `dx` (and of `d_residual`).
-    let (dx, d_residual) = unsafe {
-        if residual {
-            let (dx, d_residual) = filled_pair(s.len(), |dx, dr| fill(dx, Some(dr)));
-            (dx, Some(d_residual))
-        } else {
-            (filled(s.len(), |dx| fill(dx, None)), None)
-        }
-    };
+    let sums = backward_sums(s, x, dy, gate, gamma, stats, residual, epsilon);
+    let dx = InputGradient::new(s, x, Some(dy), gate, &sums).whole();
     Gradients {
         dx,
-        d_residual,
-        dgamma,
-        dbeta,
+        d_residual: sums.d_residual,
+        dgamma: sums.dgamma,
+        dbeta: sums.dbeta,
     }
 }
 
@@ -489,33 +641,44 @@ mod tests {
                 RunGate::Output(&y),
                 RunGate::Affine(0.7, -0.2),
             ] {
-                assert_eq!(
-                    gated_sums::baseline(&x, &dy, gate, 0.1),
-                    unsafe { gated_sums::avx2(&x, &dy, gate, 0.1) },
-                    "sums, {gate:?}"
-                );
+                for store in [false, true] {
+                    let run = |avx2: bool| {
+                        let mut g = vec![MaybeUninit::uninit(); len];
+                        let out = store.then_some(&mut g[..]);
+                        let sums = if avx2 {
+                            unsafe { gated_sums::avx2(&x, &dy, gate, 0.1, out) }
+                        } else {
+                            gated_sums::baseline(&x, &dy, gate, 0.1, out)
+                        };
+                        (sums, store.then(|| init(&g)))
+                    };
+                    let (sums, g) = run(false);
+                    assert_eq!((sums, g.clone()), run(true), "sums, {gate:?}, {store}");
+                    // Written out, `g` is the gated `dy` and the sums are those of the gate
+                    // applied on the fly.
+                    if let Some(g) = g {
+                        let on_the_fly = gated_sums::baseline(&x, &dy, gate, 0.1, None);
+                        assert_eq!(sums, on_the_fly, "sums with g stored, {gate:?}");
+                        let open = gated_sums::baseline(&x, &g, RunGate::Open, 0.1, None);
+                        assert_eq!(open, on_the_fly, "sums of the stored g, {gate:?}");
+                    }
+                }
                 let k = DxCoefficients {
                     k_g: 1.3,
                     k_x: -0.4,
                     k_0: 0.05,
                     mean: 0.2,
                 };
-                for with_residual in [false, true] {
-                    let run = |avx2: bool| {
-                        let mut dx = vec![MaybeUninit::uninit(); len];
-                        let mut dr = vec![MaybeUninit::uninit(); len];
-                        let dr_slots = with_residual.then_some(&mut dr[..]);
-                        if avx2 {
-                            unsafe {
-                                input_gradient_run::avx2(&mut dx, dr_slots, (&x, &dy), gate, k)
-                            }
-                        } else {
-                            input_gradient_run::baseline(&mut dx, dr_slots, (&x, &dy), gate, k)
-                        }
-                        (init(&dx), with_residual.then(|| init(&dr)))
-                    };
-                    assert_eq!(run(false), run(true), "dx, {gate:?}, {with_residual}");
-                }
+                let run = |avx2: bool| {
+                    let mut dx = vec![MaybeUninit::uninit(); len];
+                    if avx2 {
+                        unsafe { input_gradient_run::avx2(&mut dx, (&x, &dy), gate, k) }
+                    } else {
+                        input_gradient_run::baseline(&mut dx, (&x, &dy), gate, k)
+                    }
+                    init(&dx)
+                };
+                assert_eq!(run(false), run(true), "dx, {gate:?}");
             }
             for (residual, floor) in [(None, 0.0), (Some(&r[..]), f32::NEG_INFINITY)] {
                 let run = |avx2: bool| {

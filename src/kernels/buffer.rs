@@ -17,26 +17,6 @@ pub unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> 
     v
 }
 
-/// Two vectors of `len` floats, filled together by `fill`.
-///
-/// # Safety
-/// As [`filled`], for both slices.
-pub unsafe fn filled_pair(
-    len: usize,
-    fill: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
-) -> (Vec<f32>, Vec<f32>) {
-    let mut second = Vec::with_capacity(len);
-    // SAFETY: forwarded to the caller's contract.
-    let first = unsafe {
-        filled(len, |first| {
-            fill(first, &mut second.spare_capacity_mut()[..len])
-        })
-    };
-    // SAFETY: the capacity is `len` and, by the caller's contract, all `len` elements are written.
-    unsafe { second.set_len(len) };
-    (first, second)
-}
-
 /// `slots` set to zero, as initialized floats.
 pub fn zeroed(slots: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     slots.fill(MaybeUninit::new(0.0));

@@ -26,6 +26,7 @@ use std::mem::MaybeUninit;
 use super::buffer::{add_in_place, add_onto, filled, zeroed};
 use super::direct;
 use super::gemm::{MatRef, matmul, matmul_uninit};
+use super::output_gradient::OutputGradient;
 use super::{REDUCTION_CHUNK, sum_in_order};
 
 // The geometry lives in its own leaf module (shared with `direct`); re-exported here so
@@ -538,7 +539,9 @@ pub enum InputGradient<'a> {
 }
 
 /// Gradients of [`forward`] with respect to its input (as `input` says) and its weight (when
-/// `want_weight`), given the output gradient `dy`.
+/// `want_weight`), given the output gradient `dy`. A `dy` made on demand
+/// ([`OutputGradient::Normalized`]) is made image by image inside the one-sweep backward, else
+/// whole first; the gradients have the same bits either way.
 ///
 /// # Shapes
 /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, k, k]`; `dy`: `[batch, out, out_h, out_w]`
@@ -548,7 +551,7 @@ pub fn backward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
-    dy: &[f32],
+    dy: OutputGradient<'_>,
     input: InputGradient<'_>,
     want_weight: bool,
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
@@ -562,6 +565,9 @@ pub fn backward(
         g.batch * g.out_len(),
         "conv2d backward: gradient length"
     );
+    if matches!(input, InputGradient::Skip) && !want_weight {
+        return (None, None);
+    }
     let plus = match input {
         InputGradient::Plus(other) => {
             assert_eq!(
@@ -583,9 +589,11 @@ pub fn backward(
         // chunks of `REDUCTION_CHUNK` images, so with fewer chunks than threads the gradients
         // are computed apart instead (the input gradient in tasks of a few images); the bits are
         // the same either way.
-        let (dx, dw) = direct::backward(isa, g, x, weight, dy, plus, REDUCTION_CHUNK);
+        let (dx, dw) = direct::backward(isa, g, x, weight, &dy, plus, REDUCTION_CHUNK);
         return (Some(dx), Some(dw));
     }
+    let dy = dy.whole();
+    let dy = &dy[..];
     let dx = match input {
         InputGradient::Skip => None,
         InputGradient::Plain => Some(input_gradient(g, weight, dy, None)),
@@ -1046,8 +1054,10 @@ mod tests {
         let (dx, dw) = pool.install(|| {
             // One chunk for two threads: the gradients apart.
             assert!(g.batch.div_ceil(REDUCTION_CHUNK) < rayon::current_num_threads());
-            backward(&g, &x, &w, &dy, InputGradient::Plus(&other), true)
+            let dy = OutputGradient::Given(&dy);
+            backward(&g, &x, &w, dy, InputGradient::Plus(&other), true)
         });
+        let dy = OutputGradient::Given(&dy);
         let (swept_dx, swept_dw) =
             direct::backward(isa, &g, &x, &w, &dy, Some(&other), REDUCTION_CHUNK);
         assert_eq!(bits(&dx.expect("dx")), bits(&swept_dx));
@@ -1063,7 +1073,14 @@ mod tests {
             let x = values(g.batch * g.in_len(), 3);
             let w = values(g.out_channels * g.patch_len(), 4);
             let dy = values(g.batch * g.out_len(), 5);
-            let (dx, dw) = backward(&g, &x, &w, &dy, InputGradient::Plain, true);
+            let (dx, dw) = backward(
+                &g,
+                &x,
+                &w,
+                OutputGradient::Given(&dy),
+                InputGradient::Plain,
+                true,
+            );
             let (dx, dw) = (dx.unwrap(), dw.unwrap());
             let (delta_x, delta_w) = (values(x.len(), 6), values(w.len(), 7));
             let along_x = dot(&dy, &naive_forward(&g, &delta_x, &w));
@@ -1078,13 +1095,27 @@ mod tests {
                 "dw {g:?}"
             );
 
-            let (only_dx, none) = backward(&g, &x, &w, &dy, InputGradient::Plain, false);
+            let (only_dx, none) = backward(
+                &g,
+                &x,
+                &w,
+                OutputGradient::Given(&dy),
+                InputGradient::Plain,
+                false,
+            );
             assert_eq!(only_dx.unwrap(), dx);
             assert!(none.is_none());
 
             // Another consumer's gradient, added: the same bits as adding it afterwards.
             let other = values(dx.len(), 8);
-            let (plus, _) = backward(&g, &x, &w, &dy, InputGradient::Plus(&other), false);
+            let (plus, _) = backward(
+                &g,
+                &x,
+                &w,
+                OutputGradient::Given(&dy),
+                InputGradient::Plus(&other),
+                false,
+            );
             let want: Vec<f32> = dx.iter().zip(&other).map(|(d, o)| d + o).collect();
             assert_eq!(plus.unwrap(), want, "dx + other {g:?}");
         }

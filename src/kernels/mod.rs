@@ -9,7 +9,10 @@
 //! or with [`Kernels::Burn`] they run burn's own modules, the reference the tests compare against.
 //! [`shortcut`] is the downsampling blocks' option-A shortcut, by its own kernel under the same
 //! conditions. A residual block's input feeds two of these ops; a [`Fork`] lets the kernels add
-//! its two gradients themselves ([`conv2d_forked`]). [`inject_gradient`] is how the coupled client continues backpropagation from the server's
+//! its two gradients themselves ([`conv2d_forked`]). [`conv_batch_norm`] and
+//! [`conv_batch_norm_add_relu`] run a convolution and the BatchNorm of its output as one op,
+//! with the same results, whose backward makes the normalization's input gradient image by image
+//! inside the convolution's ([`output_gradient`]) instead of through memory. [`inject_gradient`] is how the coupled client continues backpropagation from the server's
 //! gradient at the cut.
 
 mod backend;
@@ -21,9 +24,11 @@ pub mod direct;
 mod fork;
 mod gemm;
 pub mod geometry;
+pub mod output_gradient;
 pub mod shortcut;
 mod vectorize;
 
+use burn::backend::tensor::FloatTensor;
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
@@ -33,7 +38,7 @@ use burn::tensor::ops::PadMode;
 use burn::tensor::{DType, Tensor, s};
 use serde::{Deserialize, Serialize};
 
-pub use backend::CpuKernels;
+pub use backend::{ConvSpec, CpuKernels};
 pub use fork::Fork;
 
 /// Images per partial sum in the batch reductions (weight gradients, BatchNorm sums). Fixed
@@ -222,8 +227,7 @@ fn batch_norm_with(
     relu_after: bool,
     fork: Option<&Fork>,
 ) -> Tensor<4> {
-    let training = x.device().is_autodiff() && bn.training.is_enabled();
-    if !(training && kernels.fused_for(&x)) {
+    if !fused_norm(kernels, bn, &x) {
         let y = bn.forward(x);
         let y = match residual {
             Some(r) => y + r,
@@ -255,6 +259,17 @@ fn batch_norm_with(
         }
         None => <Dispatch as CpuKernels>::batch_norm_nchw(x, gamma, beta, relu_after, bn.epsilon),
     };
+    update_running_statistics(bn, mean, variance);
+    Tensor::from_dispatch(y)
+}
+
+/// Blends a fused BatchNorm's batch statistics into `bn`'s running ones, exactly as burn's
+/// `BatchNorm` does.
+fn update_running_statistics(
+    bn: &BatchNorm,
+    mean: FloatTensor<Dispatch>,
+    variance: FloatTensor<Dispatch>,
+) {
     let (mean, variance) = (
         Tensor::<1>::from_dispatch(mean),
         Tensor::<1>::from_dispatch(variance),
@@ -270,7 +285,94 @@ fn batch_norm_with(
         .update(blend(bn.running_mean.value_sync(), mean));
     bn.running_var
         .update(blend(bn.running_var.value_sync(), variance));
-    Tensor::from_dispatch(y)
+}
+
+/// Whether [`batch_norm`] on `x` runs the fused kernel: training on the flex device.
+fn fused_norm(kernels: Kernels, bn: &BatchNorm, x: &Tensor<4>) -> bool {
+    x.device().is_autodiff() && bn.training.is_enabled() && kernels.fused_for(x)
+}
+
+/// `batch_norm(conv2d(x))` ([`conv2d_forked`] when `fork` is given), as one fused op when both
+/// would run fused (the same results; its backward makes the normalization's input gradient
+/// image by image inside the convolution's, see [`output_gradient`]).
+///
+/// # Shapes
+/// - `x`: `[batch, in, h, w]`
+/// - output: `[batch, out, h', w']`
+pub fn conv_batch_norm(
+    kernels: Kernels,
+    conv: &Conv2d,
+    x: Tensor<4>,
+    fork: Option<&Fork>,
+    bn: &BatchNorm,
+    relu_after: bool,
+) -> Tensor<4> {
+    match fusable(conv) {
+        Some((stride, padding)) if fused_norm(kernels, bn, &x) => {
+            let conv_spec = ConvSpec {
+                stride,
+                padding,
+                fork: fork.cloned(),
+            };
+            let (y, mean, variance) = <Dispatch as CpuKernels>::conv_batch_norm_nchw(
+                x.into_dispatch(),
+                conv.weight.val().into_dispatch(),
+                bn.gamma.val().into_dispatch(),
+                bn.beta.val().into_dispatch(),
+                conv_spec,
+                relu_after,
+                bn.epsilon,
+            );
+            update_running_statistics(bn, mean, variance);
+            Tensor::from_dispatch(y)
+        }
+        _ => batch_norm(
+            kernels,
+            bn,
+            conv2d_with(kernels, conv, x, fork),
+            None,
+            relu_after,
+        ),
+    }
+}
+
+/// `relu(bn(conv(x)) + residual)`, the end of a residual block: [`conv2d`] and then
+/// [`batch_norm_add_relu`] (with its `fork`), as one fused op when both would run fused (see
+/// [`conv_batch_norm`]).
+///
+/// # Shapes
+/// - `x`: `[batch, in, h, w]`
+/// - `residual`, output: `[batch, out, h', w']`
+pub fn conv_batch_norm_add_relu(
+    kernels: Kernels,
+    conv: &Conv2d,
+    x: Tensor<4>,
+    bn: &BatchNorm,
+    residual: Tensor<4>,
+    fork: Option<&Fork>,
+) -> Tensor<4> {
+    match fusable(conv) {
+        Some((stride, padding)) if fused_norm(kernels, bn, &x) => {
+            let conv_spec = ConvSpec {
+                stride,
+                padding,
+                fork: None,
+            };
+            let (y, mean, variance) = <Dispatch as CpuKernels>::conv_batch_norm_add_relu_nchw(
+                x.into_dispatch(),
+                conv.weight.val().into_dispatch(),
+                bn.gamma.val().into_dispatch(),
+                bn.beta.val().into_dispatch(),
+                residual.into_dispatch(),
+                conv_spec,
+                bn.epsilon,
+                fork.cloned(),
+            );
+            update_running_statistics(bn, mean, variance);
+            Tensor::from_dispatch(y)
+        }
+        _ => batch_norm_add_relu(kernels, bn, conv2d(kernels, conv, x), residual, fork),
+    }
 }
 
 #[cfg(test)]

@@ -171,6 +171,7 @@ fn reductions_do_not_depend_on_the_thread_count() {
     use super::batch_norm::{self as bn, NormShape, ReluGate};
     use super::conv;
     use super::geometry::ConvGeometry;
+    use super::output_gradient::OutputGradient;
 
     let g = ConvGeometry {
         batch: 40, // more than two reduction chunks, the last one partial
@@ -201,7 +202,8 @@ fn reductions_do_not_depend_on_the_thread_count() {
             .build()
             .unwrap();
         pool.install(|| {
-            let (_, dw) = conv::backward(&g, &x, &w, &dy, conv::InputGradient::Skip, true);
+            let given = OutputGradient::Given(&dy);
+            let (_, dw) = conv::backward(&g, &x, &w, given, conv::InputGradient::Skip, true);
             let (y, stats) = bn::forward(s, &dy, &gamma, &beta, None, true, 1e-5);
             let gate = ReluGate::Output(&y);
             let grads = bn::backward(s, &dy, &upstream, gate, &gamma, &stats, false, 1e-5);
@@ -248,4 +250,74 @@ fn injected_gradient_reaches_the_input_unchanged() {
         w.clone().inner().exp() * g.inner() * 2.0,
         "scaled",
     );
+}
+
+/// A convolution and the BatchNorm of its output in one op (whose backward makes the
+/// normalization's input gradient image by image inside the convolution's) give the bits of the
+/// two ops: outputs, every gradient and the running statistics. An identity residual block
+/// (forks on both sides; stride 1, the one-sweep backward: two chunks of images for two threads)
+/// and a stride-2 pair with a residual from elsewhere (its output gradient made whole first).
+#[test]
+fn a_convolution_and_its_batch_norm_in_one_op_give_the_bits_of_two() {
+    use super::{
+        Fork, batch_norm_add_relu, conv_batch_norm, conv_batch_norm_add_relu, conv2d_forked,
+    };
+    let k = Kernels::Fused;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool of two threads");
+    let conv = |cin: usize, cout: usize, stride: usize| {
+        Conv2dConfig::new([cin, cout], [3, 3])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .with_bias(false)
+            .init(&device())
+    };
+    let (c1, c2, c3) = (conv(8, 8, 1), conv(8, 8, 1), conv(8, 16, 2));
+    let x = random([32, 8, 8, 8]);
+    let r = random([32, 16, 4, 4]);
+    let (probe_block, probe_pair) = (random([32, 8, 8, 8]), random([32, 16, 4, 4]));
+
+    let run = |fused: bool| {
+        pool.install(|| {
+            let (bn1, bn2, bn3) = (norm(8), norm(8), norm(16));
+            let (x, r) = (x.clone().require_grad(), r.clone().require_grad());
+            let fork = Fork::new();
+            let block = if fused {
+                let out = conv_batch_norm(k, &c1, x.clone(), Some(&fork), &bn1, true);
+                conv_batch_norm_add_relu(k, &c2, out, &bn2, x.clone(), Some(&fork))
+            } else {
+                let out = conv2d_forked(k, &c1, x.clone(), &fork);
+                let out = batch_norm(k, &bn1, out, None, true);
+                batch_norm_add_relu(k, &bn2, conv2d(k, &c2, out), x.clone(), Some(&fork))
+            };
+            let pair = if fused {
+                conv_batch_norm_add_relu(k, &c3, block.clone(), &bn3, r.clone(), None)
+            } else {
+                batch_norm_add_relu(k, &bn3, conv2d(k, &c3, block.clone()), r.clone(), None)
+            };
+            let loss = (block.clone() * probe_block.clone()).sum()
+                + (pair.clone() * probe_pair.clone()).sum();
+            let grads = loss.backward();
+            let mut data = vec![block.into_data(), pair.into_data()];
+            data.push(x.grad(&grads).expect("dx").into_data());
+            data.push(r.grad(&grads).expect("d residual").into_data());
+            for c in [&c1, &c2, &c3] {
+                data.push(c.weight.grad(&grads).expect("dw").into_data());
+            }
+            for bn in [&bn1, &bn2, &bn3] {
+                data.push(bn.gamma.grad(&grads).expect("dgamma").into_data());
+                data.push(bn.beta.grad(&grads).expect("dbeta").into_data());
+                data.push(bn.running_mean.value().into_data());
+                data.push(bn.running_var.value().into_data());
+            }
+            data
+        })
+    };
+    let (fused, apart) = (run(true), run(false));
+    assert_eq!(fused.len(), apart.len());
+    for (i, (a, b)) in fused.iter().zip(&apart).enumerate() {
+        assert_eq!(a, b, "result {i}");
+    }
 }

@@ -111,7 +111,7 @@ impl Stem {
     /// - output: `[batch, 16, 32, 32]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let k = self.kernels;
-        kernels::batch_norm(k, &self.bn, kernels::conv2d(k, &self.conv, x), None, true)
+        kernels::conv_batch_norm(k, &self.conv, x, None, &self.bn, true)
     }
 }
 
@@ -150,16 +150,14 @@ impl BasicBlock {
         let k = self.kernels;
         // `x` feeds conv1 and the shortcut: the kernels add its two gradients themselves.
         let fork = Fork::new();
-        let out = kernels::conv2d_forked(k, &self.conv1, x.clone(), &fork);
-        let out = kernels::batch_norm(k, &self.bn1, out, None, true);
-        let out = kernels::conv2d(k, &self.conv2, out);
-        // relu(bn2(out) + shortcut)
+        let out = kernels::conv_batch_norm(k, &self.conv1, x.clone(), Some(&fork), &self.bn1, true);
+        // relu(bn2(conv2(out)) + shortcut)
         if self.stride == 1 && self.channel_pad == 0 {
-            kernels::batch_norm_add_relu(k, &self.bn2, out, x, Some(&fork))
+            kernels::conv_batch_norm_add_relu(k, &self.conv2, out, &self.bn2, x, Some(&fork))
         } else {
             let p = self.channel_pad;
             let shortcut = kernels::shortcut(k, x, self.stride, p, Some(&fork)); // [b, out, side/2, side/2]
-            kernels::batch_norm_add_relu(k, &self.bn2, out, shortcut, None)
+            kernels::conv_batch_norm_add_relu(k, &self.conv2, out, &self.bn2, shortcut, None)
         }
     }
 }

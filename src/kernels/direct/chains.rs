@@ -20,6 +20,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::super::buffer::{LineAligned, add_onto};
+use super::super::output_gradient::OutputGradient;
 use super::{ConvGeometry, Isa, Kind, Layout, PackedWeights, Plane, Source, convolve, fits};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
@@ -166,7 +167,7 @@ pub(super) fn sweep(
     isa: Isa,
     g: &ConvGeometry,
     x: &[f32],
-    dy: &[f32],
+    dy: &OutputGradient<'_>,
     chunk: usize,
     input: Option<InputSide>,
 ) -> Vec<f32> {
@@ -201,7 +202,6 @@ pub(super) fn sweep(
     };
     let partials: Vec<Vec<f32>> = x
         .par_chunks(chunk * g.in_len())
-        .zip(dy.par_chunks(chunk * g.out_len()))
         .zip(dx_chunks)
         .enumerate()
         .map_init(
@@ -220,15 +220,13 @@ pub(super) fn sweep(
                         }
                     ],
                     Vec::new(),
+                    dy.scratch(g.out_len()),
                 )
             },
-            |(padded, transposed, sums, padded_dy, out_grid), (k, ((xs, dys), mut dxs))| {
+            |(padded, transposed, sums, padded_dy, out_grid, dy_scratch), (k, (xs, mut dxs))| {
                 sums.fill(0.0);
-                for (n, (xi, dyi)) in xs
-                    .chunks(g.in_len())
-                    .zip(dys.chunks(g.out_len()))
-                    .enumerate()
-                {
+                for (n, xi) in xs.chunks(g.in_len()).enumerate() {
+                    let dyi = dy.image(k * chunk + n, g.out_len(), dy_scratch);
                     l.pad(isa, g, xi, padded);
                     transpose(isa, dyi, out, sizes.out_padded, transposed);
                     add_image(

@@ -2,6 +2,7 @@
 //! module documentation): every instruction set this CPU has must give the same bits.
 
 use super::*;
+use crate::kernels::output_gradient::OutputGradient;
 
 /// Pixel `(c, r, col)` of the zero-padded input `x` (`[in, h, w]`), with `(r, col)` counted
 /// from the padded plane's corner.
@@ -427,6 +428,7 @@ fn one_sweep_backward_gives_the_bits_of_its_halves() {
                 Some(p) => dx.iter().zip(p).map(|(a, b)| a + b).collect(),
             };
             for isa in tested_isas() {
+                let dy = OutputGradient::Given(&dy);
                 let (dx, dw) = backward(isa, &g, &x, &w, &dy, plus, 16);
                 let what = format!("{isa:?} {g:?}, plus {}", plus.is_some());
                 assert_eq!(bits(&dx), bits(&want_dx), "dx, {what}");

@@ -15,6 +15,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::super::buffer::LineAligned;
+use super::super::output_gradient::OutputGradient;
 use super::chains;
 use super::{ConvGeometry, Isa, Kind, LANES, Layout, PackedWeights, cpu, fits, handles};
 #[cfg(target_arch = "x86_64")]
@@ -85,7 +86,7 @@ pub fn weight_gradient(
     chunk: usize,
 ) -> Vec<f32> {
     if chains::handles(g) {
-        return chains::sweep(isa, g, x, dy, chunk, None);
+        return chains::sweep(isa, g, x, &OutputGradient::Given(dy), chunk, None);
     }
     lane_sums_in_groups(isa, g, x, dy, chunk, gradient_group(g, chunk))
 }
@@ -94,7 +95,8 @@ pub fn weight_gradient(
 /// `dx` the input gradient plus `plus` (when given; added as a separate addition would round
 /// it) and `dW` as [`weight_gradient`]. `dx` is the forward kernel's on the adjoint: each
 /// element's terms in output-channel-then-tap order, one fused multiply-add each from zero
-/// (what `forward_image` on the flipped weights gives, bit for bit).
+/// (what `forward_image` on the flipped weights gives, bit for bit). A BatchNorm's input
+/// gradient as `dy` ([`OutputGradient::Normalized`]) is made image by image in the sweep.
 ///
 /// # Shapes
 /// - `x`: `[batch, in, h, w]`; `weight`: `[out, in, 3, 3]`; `dy`: `[batch, out, h, w]`
@@ -105,7 +107,7 @@ pub fn backward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
-    dy: &[f32],
+    dy: &OutputGradient<'_>,
     plus: Option<&[f32]>,
     chunk: usize,
 ) -> (Vec<f32>, Vec<f32>) {
