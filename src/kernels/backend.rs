@@ -226,6 +226,41 @@ fn norm_forward(
     (flex(y, x.layout().shape().clone()), stats)
 }
 
+/// The convolution of dense `x` and the BatchNorm of its output: `(h, y, stats)`, `h` the
+/// convolution's output, the normalization's statistics gathered as the convolution writes each
+/// image (while it is in cache; the same bits as [`norm_forward`] on `h`).
+fn conv_norm_forward(
+    [x, weight, gamma, beta]: [&FlexTensor; 4],
+    conv: &ConvSpec,
+    residual: Option<&FlexTensor>,
+    relu: bool,
+    epsilon: f64,
+) -> (FlexTensor, FlexTensor, Stats) {
+    let g = geometry(x, weight, conv.stride, conv.padding);
+    let shape = NormShape {
+        batch: g.batch,
+        channels: g.out_channels,
+        plane: g.out_plane(),
+    };
+    let moments = batch_norm::ImageMoments::new(shape);
+    let record = |n: usize, image: &[f32]| moments.record(n, image);
+    let h = conv::forward_observed(&g, values(x), values(weight), &record);
+    let stats = moments.statistics();
+    let (gamma, beta) = (values(gamma), values(beta));
+    let y = batch_norm::normalize(
+        shape,
+        &h,
+        gamma,
+        beta,
+        residual.map(values),
+        relu,
+        &stats,
+        epsilon,
+    );
+    let dims = [g.batch, g.out_channels, g.out_height(), g.out_width()];
+    (flex(h, dims), flex(y, dims), stats)
+}
+
 fn stats_tensors(stats: &Stats) -> (FlexTensor, FlexTensor) {
     let c = stats.mean.len();
     (
@@ -291,8 +326,11 @@ impl CpuKernels for Flex {
         relu: bool,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let h = conv_forward(&dense(x), &dense(weight), conv.stride, conv.padding);
-        norm_plain([h, gamma, beta], relu, epsilon)
+        let [x, weight, gamma, beta] = [x, weight, gamma, beta].map(dense);
+        let (_, y, stats) =
+            conv_norm_forward([&x, &weight, &gamma, &beta], &conv, None, relu, epsilon);
+        let (mean, variance) = stats_tensors(&stats);
+        (y, mean, variance)
     }
 
     fn conv_batch_norm_add_relu_nchw(
@@ -305,8 +343,11 @@ impl CpuKernels for Flex {
         epsilon: f64,
         _: Option<Fork>,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let h = conv_forward(&dense(x), &dense(weight), conv.stride, conv.padding);
-        norm_plain([h, gamma, beta, residual], true, epsilon)
+        let [x, weight, gamma, beta, residual] = [x, weight, gamma, beta, residual].map(dense);
+        let inputs = [&x, &weight, &gamma, &beta];
+        let (_, y, stats) = conv_norm_forward(inputs, &conv, Some(&residual), true, epsilon);
+        let (mean, variance) = stats_tensors(&stats);
+        (y, mean, variance)
     }
 }
 
@@ -661,8 +702,8 @@ fn conv_norm_autodiff<C: CheckpointStrategy, const N: usize>(
     };
     let (x, weight, gamma, beta) = (next(), next(), next(), next());
     let residual = dense_inputs.next();
-    let h = conv_forward(&x, &weight, conv.stride, conv.padding);
-    let (y, stats) = norm_forward(&h, &gamma, &beta, residual.as_ref(), relu, epsilon);
+    let inputs_4 = [&x, &weight, &gamma, &beta];
+    let (h, y, stats) = conv_norm_forward(inputs_4, &conv, residual.as_ref(), relu, epsilon);
     let (mean, variance) = stats_tensors(&stats);
     let output = match ConvNormBackward::<N>
         .prepare::<C>(inputs.map(|t| t.node()))

@@ -10,6 +10,7 @@
 //! compiled for AVX2 where the CPU has it ([`avx2_or_baseline!`]; the same bits either way).
 
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -153,20 +154,89 @@ avx2_or_baseline! {
     }
 }
 
+/// Batch statistics of `x`, its images' moments gathered in parallel.
 fn statistics(s: NormShape, x: &[f32]) -> Stats {
-    // Shifted sums (by the channel's first value) keep E[x²] − E[x]² accurate.
-    let shift: Vec<f32> = (0..s.channels).map(|c| x[c * s.plane]).collect();
-    let sums = s.channel_sums(None, |n, c, _| shifted_sums(s.run(x, n, c), shift[c]));
-    let (mean, variance) = sums
-        .iter()
-        .zip(&shift)
-        .map(|(&(sum, sum_sq), &shift)| {
-            let mean = sum / s.count();
-            let variance = (sum_sq / s.count() - mean * mean).max(0.0);
-            ((mean + shift as f64) as f32, variance as f32)
-        })
-        .unzip();
-    Stats { mean, variance }
+    let moments = ImageMoments::new(s);
+    x.par_chunks(s.image())
+        .enumerate()
+        .for_each(|(n, image)| moments.record(n, image));
+    moments.statistics()
+}
+
+/// One channel's moments over one image: the mean and the sum of squared deviations from it.
+#[derive(Debug, Clone, Copy)]
+struct Moments {
+    mean: f64,
+    m2: f64,
+}
+
+/// The moments of a batch's images, recorded image by image in any order and from any thread
+/// (e.g. by the convolution that produces the batch, while each image is in cache), merged in
+/// image order into the batch statistics: the same bits however they were gathered.
+pub struct ImageMoments {
+    shape: NormShape,
+    images: Vec<OnceLock<Vec<Moments>>>,
+}
+
+impl ImageMoments {
+    pub fn new(s: NormShape) -> Self {
+        ImageMoments {
+            shape: s,
+            images: (0..s.batch).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Records image `n` (`[channels, plane]`): one pass per channel, sums shifted by the
+    /// channel's first value (which keeps E[x²] − E[x]² accurate).
+    pub fn record(&self, n: usize, image: &[f32]) {
+        let s = self.shape;
+        assert!(
+            n < s.batch && image.len() == s.image(),
+            "batch norm statistics: image {n} of {}, {} values",
+            s.batch,
+            image.len()
+        );
+        let plane = s.plane as f64;
+        let moments = image
+            .chunks(s.plane.max(1))
+            .map(|run| {
+                let shift = run.first().copied().unwrap_or(0.0);
+                let (sum, sum_sq) = shifted_sums(run, shift);
+                Moments {
+                    mean: shift as f64 + sum / plane,
+                    m2: (sum_sq - sum * sum / plane).max(0.0),
+                }
+            })
+            .collect();
+        assert!(
+            self.images[n].set(moments).is_ok(),
+            "batch norm statistics: image {n} recorded twice"
+        );
+    }
+
+    /// Per-channel mean and biased variance, the images' moments merged in image order (Chan,
+    /// Golub and LeVeque's pairwise update, in f64).
+    pub fn statistics(self) -> Stats {
+        let s = self.shape;
+        let mut total = vec![(0.0f64, 0.0f64); s.channels];
+        for (n, image) in self.images.into_iter().enumerate() {
+            let image = image
+                .into_inner()
+                .unwrap_or_else(|| panic!("batch norm statistics: image {n} never recorded"));
+            let (before, plane) = ((n * s.plane) as f64, s.plane as f64);
+            for ((mean, m2), m) in total.iter_mut().zip(image) {
+                let delta = m.mean - *mean;
+                let count = before + plane;
+                *mean += delta * plane / count;
+                *m2 += m.m2 + delta * delta * before * plane / count;
+            }
+        }
+        let (mean, variance) = total
+            .into_iter()
+            .map(|(mean, m2)| (mean as f32, (m2 / s.count()) as f32))
+            .unzip();
+        Stats { mean, variance }
+    }
 }
 
 fn inv_std(variance: f32, epsilon: f64) -> f32 {
@@ -391,7 +461,32 @@ pub fn forward(
         "batch norm: residual length"
     );
     let stats = statistics(s, x);
-    let (scale, shift) = affine(gamma, beta, &stats, epsilon);
+    let y = normalize(s, x, gamma, beta, residual, relu, &stats, epsilon);
+    (y, stats)
+}
+
+/// [`forward`] with the batch statistics already known (e.g. [`ImageMoments`] gathered by the
+/// convolution that produced `x`): the affine map and its epilogue.
+///
+/// # Shapes
+/// - as [`forward`]
+#[allow(clippy::too_many_arguments)]
+pub fn normalize(
+    s: NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    stats: &Stats,
+    epsilon: f64,
+) -> Vec<f32> {
+    assert_eq!(x.len(), s.len(), "batch norm: input length");
+    assert!(
+        residual.is_none_or(|r| r.len() == s.len()),
+        "batch norm: residual length"
+    );
+    let (scale, shift) = affine(gamma, beta, stats, epsilon);
 
     let image = s.image();
     let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
@@ -408,8 +503,7 @@ pub fn forward(
         })
     };
     // SAFETY: every image `n` and channel `c` writes its whole `plane`-long range: all of `y`.
-    let y = unsafe { filled(s.len(), fill) };
-    (y, stats)
+    unsafe { filled(s.len(), fill) }
 }
 
 /// What [`backward`] returns.
@@ -613,6 +707,57 @@ mod tests {
     fn init(slots: &[MaybeUninit<f32>]) -> Vec<f32> {
         // SAFETY: the leaves write every slot they are given.
         slots.iter().map(|v| unsafe { v.assume_init() }).collect()
+    }
+
+    /// The statistics merged from the images' moments: the same bits whatever order the images
+    /// are recorded in, and close to the f64 definition even far from zero (where E[x²] − E[x]²
+    /// without shifts would lose every digit of the variance).
+    #[test]
+    fn image_moments_give_accurate_statistics_in_any_recording_order() {
+        let s = NormShape {
+            batch: 5,
+            channels: 3,
+            plane: 37,
+        };
+        let x: Vec<f32> = values(s.len(), 7)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| 1000.0 * (1 + (i / s.plane) % s.channels) as f32 + v)
+            .collect();
+        let gather = |order: &mut dyn Iterator<Item = usize>| {
+            let moments = ImageMoments::new(s);
+            for n in order {
+                moments.record(n, &x[n * s.image()..][..s.image()]);
+            }
+            moments.statistics()
+        };
+        let (forward, backward) = (gather(&mut (0..s.batch)), gather(&mut (0..s.batch).rev()));
+        assert_eq!(
+            (&forward.mean, &forward.variance),
+            (&backward.mean, &backward.variance)
+        );
+        for c in 0..s.channels {
+            let run: Vec<f64> = (0..s.batch)
+                .flat_map(|n| s.run(&x, n, c).iter().map(|&v| v as f64))
+                .collect();
+            let mean = run.iter().sum::<f64>() / run.len() as f64;
+            let variance = run.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / run.len() as f64;
+            assert!(
+                (forward.mean[c] as f64 - mean).abs() < 1e-4 * mean.abs(),
+                "mean {c}"
+            );
+            assert!(
+                (forward.variance[c] as f64 - variance).abs() < 1e-5 * variance,
+                "variance {c}: {} against {variance}",
+                forward.variance[c]
+            );
+        }
+        // Every image must be recorded.
+        let missing = ImageMoments::new(s);
+        missing.record(0, &x[..s.image()]);
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| missing.statistics()));
+        assert!(result.is_err(), "statistics with images missing");
     }
 
     /// Each pass's AVX2 copy gives the bits of its baseline copy (which `portable` runs), on

@@ -381,15 +381,40 @@ fn images_per_task(batch: usize) -> usize {
 /// - `weight`: `[out, in, k, k]`
 /// - returns `[batch, out, out_h, out_w]`
 pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Vec<f32> {
-    forward_plus(g, x, weight, None)
+    forward_plus(g, x, weight, None, None)
+}
+
+/// Something shown each output image of a forward pass (its index and values) right after the
+/// image is written, while it is in cache.
+pub type Observer<'a> = Option<&'a (dyn Fn(usize, &[f32]) + Sync)>;
+
+/// [`forward`], showing each output image to `observe` as soon as it is written (images in any
+/// order, each once).
+///
+/// # Shapes
+/// - as [`forward`]; `observe` is shown `[out, out_h, out_w]` images
+pub fn forward_observed(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    observe: &(dyn Fn(usize, &[f32]) + Sync),
+) -> Vec<f32> {
+    forward_plus(g, x, weight, None, Some(observe))
 }
 
 /// [`forward`], then `plus` (when given) added to the output image by image, while each image is
-/// in cache: `y = conv(x) + plus`, each element rounded as the separate addition would be.
+/// in cache: `y = conv(x) + plus`, each element rounded as the separate addition would be; then
+/// each image shown to `observe`.
 ///
 /// # Shapes
 /// - as [`forward`]; `plus`: the output's
-fn forward_plus(g: &ConvGeometry, x: &[f32], weight: &[f32], plus: Option<&[f32]>) -> Vec<f32> {
+fn forward_plus(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    plus: Option<&[f32]>,
+    observe: Observer<'_>,
+) -> Vec<f32> {
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d: input length");
     assert_eq!(
         weight.len(),
@@ -401,14 +426,37 @@ fn forward_plus(g: &ConvGeometry, x: &[f32], weight: &[f32], plus: Option<&[f32]
         "conv2d: length of the term added to the output"
     );
     match direct::Isa::chosen() {
-        Some(isa) if direct::fits(g) => forward_direct(isa, g, x, weight, plus),
-        _ => forward_im2col(g, x, weight, plus),
+        Some(isa) if direct::fits(g) => forward_direct(isa, g, x, weight, plus, observe),
+        _ => forward_im2col(g, x, weight, plus, observe),
     }
 }
 
 /// Image `i`'s run of `len` floats in `plus`, if given.
 fn image_of(plus: Option<&[f32]>, i: usize, len: usize) -> Option<&[f32]> {
     plus.map(|p| &p[i * len..][..len])
+}
+
+/// The end of a forward pass on output image `i`, `yi`: `plus`'s image added, then the image
+/// shown to `observe`.
+///
+/// # Safety
+/// All of `yi` has been written.
+unsafe fn finish_image(
+    yi: &mut [MaybeUninit<f32>],
+    i: usize,
+    plus: Option<&[f32]>,
+    observe: Observer<'_>,
+) {
+    if let Some(p) = image_of(plus, i, yi.len()) {
+        // SAFETY: by the caller's contract.
+        unsafe { add_onto(yi, p) };
+    }
+    if let Some(observe) = observe {
+        // SAFETY: by the caller's contract.
+        observe(i, unsafe {
+            std::slice::from_raw_parts(yi.as_ptr().cast(), yi.len())
+        });
+    }
 }
 
 /// [`forward`] by [`direct`] convolution on instruction set `isa`, image by image.
@@ -418,6 +466,7 @@ fn forward_direct(
     x: &[f32],
     weight: &[f32],
     plus: Option<&[f32]>,
+    observe: Observer<'_>,
 ) -> Vec<f32> {
     let packed = direct::PackedWeights::new(g, weight);
     let per = images_per_task(g.batch);
@@ -435,10 +484,8 @@ fn forward_direct(
                         .enumerate()
                     {
                         direct::forward_image(isa, g, xi, &packed, scratch, yi);
-                        if let Some(p) = image_of(plus, task * per + i, g.out_len()) {
-                            // SAFETY: `forward_image` wrote all of `yi`.
-                            unsafe { add_onto(yi, p) };
-                        }
+                        // SAFETY: `forward_image` wrote all of `yi`.
+                        unsafe { finish_image(yi, task * per + i, plus, observe) };
                     }
                 },
             )
@@ -448,7 +495,13 @@ fn forward_direct(
 }
 
 /// [`forward`] as im2col + one GEMM per image.
-fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32], plus: Option<&[f32]>) -> Vec<f32> {
+fn forward_im2col(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    plus: Option<&[f32]>,
+    observe: Observer<'_>,
+) -> Vec<f32> {
     let (plane, patch) = (g.out_plane(), g.patch_len());
     let w = MatRef::row_major(weight, g.out_channels, patch);
     let per = images_per_task(g.batch);
@@ -487,10 +540,8 @@ fn forward_im2col(g: &ConvGeometry, x: &[f32], weight: &[f32], plus: Option<&[f3
                             // [out, patch] · [patch, plane] → [out, plane]
                             matmul_uninit(yi, w, col);
                         }
-                        if let Some(p) = image_of(plus, task * per + i, g.out_len()) {
-                            // SAFETY: the GEMM or the transpose wrote all of `yi`.
-                            unsafe { add_onto(yi, p) };
-                        }
+                        // SAFETY: the GEMM or the transpose wrote all of `yi`.
+                        unsafe { finish_image(yi, task * per + i, plus, observe) };
                     }
                 },
             )
@@ -672,7 +723,7 @@ fn input_gradient(g: &ConvGeometry, weight: &[f32], dy: &[f32], plus: Option<&[f
             out_channels: g.in_channels,
             ..*g
         };
-        return forward_plus(&adjoint, dy, &flipped, plus);
+        return forward_plus(&adjoint, dy, &flipped, plus, None);
     }
     if let Some(isa) = direct::Isa::chosen()
         && direct::handles_phase_input_gradient(g)
@@ -824,13 +875,13 @@ mod tests {
     fn forward_paths(g: &ConvGeometry) -> Vec<(String, Kernel)> {
         let mut paths: Vec<(String, Kernel)> = vec![(
             "im2col".into(),
-            Box::new(|g, x, w| forward_im2col(g, x, w, None)),
+            Box::new(|g, x, w| forward_im2col(g, x, w, None, None)),
         )];
         if direct::handles(g) {
             for isa in direct::Isa::available() {
                 paths.push((
                     format!("direct {isa:?}"),
-                    Box::new(move |g, x, w| forward_direct(isa, g, x, w, None)),
+                    Box::new(move |g, x, w| forward_direct(isa, g, x, w, None, None)),
                 ));
             }
         }
