@@ -702,8 +702,9 @@ fn conv_norm_autodiff<C: CheckpointStrategy, const N: usize>(
     };
     let (x, weight, gamma, beta) = (next(), next(), next(), next());
     let residual = dense_inputs.next();
-    let inputs_4 = [&x, &weight, &gamma, &beta];
-    let (h, y, stats) = conv_norm_forward(inputs_4, &conv, residual.as_ref(), relu, epsilon);
+    let conv_norm_inputs = [&x, &weight, &gamma, &beta];
+    let (h, y, stats) =
+        conv_norm_forward(conv_norm_inputs, &conv, residual.as_ref(), relu, epsilon);
     let (mean, variance) = stats_tensors(&stats);
     let output = match ConvNormBackward::<N>
         .prepare::<C>(inputs.map(|t| t.node()))
