@@ -386,6 +386,14 @@ fn register<const N: usize>(
     }
 }
 
+/// The first `N` of `gradients` (a node without a residual parent drops the residual's).
+fn first_n<const N: usize, const M: usize>(
+    gradients: [Option<FlexTensor>; M],
+) -> [Option<FlexTensor>; N] {
+    let mut gradients = gradients.into_iter();
+    std::array::from_fn(|_| gradients.next().flatten())
+}
+
 /// A gradient for a forked input (see [`Fork`]): handed over when the fork waits for it, else
 /// returned, to be registered with burn.
 fn hand_over(fork: Option<&Fork>, gradient: Vec<f32>) -> Option<Vec<f32>> {
@@ -612,9 +620,7 @@ impl<const N: usize> Backward<Flex, N> for NormBackward<N> {
             s.x.layout().shape().clone(),
         );
         let [dgamma, dbeta, d_residual] = s.parameter_gradients(sums);
-        let mut gradients = [Some(dx), dgamma, dbeta, d_residual].into_iter();
-        let gradients: [Option<FlexTensor>; N] =
-            std::array::from_fn(|_| gradients.next().flatten());
+        let gradients = first_n([Some(dx), dgamma, dbeta, d_residual]);
         register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
     }
 }
@@ -642,9 +648,7 @@ impl<const N: usize> Backward<Flex, N> for ConvNormBackward<N> {
         let dh = OutputGradient::Normalized(dh);
         let [dx, dw] = conv.gradients(dh, wanted);
         let [dgamma, dbeta, d_residual] = norm.parameter_gradients(sums);
-        let mut gradients = [dx, dw, dgamma, dbeta, d_residual].into_iter();
-        let gradients: [Option<FlexTensor>; N] =
-            std::array::from_fn(|_| gradients.next().flatten());
+        let gradients = first_n([dx, dw, dgamma, dbeta, d_residual]);
         register(grads, ops.parents.map(|p| p.map(|node| node.id)), gradients);
     }
 }

@@ -1,6 +1,8 @@
 //! Training-mode BatchNorm on NCHW `f32` slices, fused with what follows it in a ResNet: an
 //! optional residual addition and an optional ReLU. Forward is two passes over the input
-//! (statistics per channel, then the affine map per image); backward is two passes (two sums per
+//! (statistics per image and channel, merged in image order — gathered by the convolution before
+//! the normalization as it writes each image, when the two run as one op — then the affine map
+//! per image); backward is two passes (two sums per
 //! channel, which also write out the residual's gradient; then the input gradient per image,
 //! which an [`InputGradient`] makes on demand, e.g. inside the backward sweep of the convolution
 //! before the normalization). burn's generic formulation instead transposes the
@@ -180,6 +182,10 @@ pub struct ImageMoments {
 
 impl ImageMoments {
     pub fn new(s: NormShape) -> Self {
+        assert!(
+            s.channels > 0 && s.plane > 0,
+            "batch norm statistics: empty images {s:?}"
+        );
         ImageMoments {
             shape: s,
             images: (0..s.batch).map(|_| OnceLock::new()).collect(),
@@ -187,7 +193,9 @@ impl ImageMoments {
     }
 
     /// Records image `n` (`[channels, plane]`): one pass per channel, sums shifted by the
-    /// channel's first value (which keeps E[x²] − E[x]² accurate).
+    /// image's first value in that channel (which keeps E[x²] − E[x]² accurate; a NaN in the
+    /// run makes its `m2` 0 here, but its mean NaN, which the merge carries into both
+    /// statistics).
     pub fn record(&self, n: usize, image: &[f32]) {
         let s = self.shape;
         assert!(
@@ -198,7 +206,7 @@ impl ImageMoments {
         );
         let plane = s.plane as f64;
         let moments = image
-            .chunks(s.plane.max(1))
+            .chunks(s.plane)
             .map(|run| {
                 let shift = run.first().copied().unwrap_or(0.0);
                 let (sum, sum_sq) = shifted_sums(run, shift);
@@ -208,8 +216,9 @@ impl ImageMoments {
                 }
             })
             .collect();
+        let first_time = self.images[n].set(moments).is_ok();
         assert!(
-            self.images[n].set(moments).is_ok(),
+            first_time,
             "batch norm statistics: image {n} recorded twice"
         );
     }
@@ -355,6 +364,7 @@ fn gate_run<'o>(
             }
         }
         RunGate::Output(y) => {
+            assert_eq!(y.len(), dy.len(), "batch norm: gate lengths");
             for ((o, &d), &y) in out.iter_mut().zip(dy).zip(y) {
                 o.write(pass(y > 0.0, d));
             }
@@ -486,6 +496,14 @@ pub fn normalize(
         residual.is_none_or(|r| r.len() == s.len()),
         "batch norm: residual length"
     );
+    assert!(
+        gamma.len() == s.channels
+            && beta.len() == s.channels
+            && stats.mean.len() == s.channels
+            && stats.variance.len() == s.channels,
+        "batch norm: {} channels, parameters or statistics of another length",
+        s.channels
+    );
     let (scale, shift) = affine(gamma, beta, stats, epsilon);
 
     let image = s.image();
@@ -555,14 +573,14 @@ pub fn backward_sums(
             gated_sums(xr, dyr, gate.run(s, n, c), stats.mean[c], out)
         })
     };
-    let mut sums = Vec::new();
-    let d_residual = residual.then(|| {
+    let (sums, d_residual) = if residual {
+        let mut sums = Vec::new();
         // SAFETY: every image and channel writes its whole run of `g`.
-        unsafe { filled(s.len(), |g| sums = sums_of(Some(g))) }
-    });
-    if !residual {
-        sums = sums_of(None);
-    }
+        let g = unsafe { filled(s.len(), |g| sums = sums_of(Some(g))) };
+        (sums, Some(g))
+    } else {
+        (sums_of(None), None)
+    };
     let (dbeta, dgamma_raw): (Vec<f32>, Vec<f32>) =
         sums.into_iter().map(|(a, b)| (a as f32, b as f32)).unzip();
 

@@ -643,15 +643,15 @@ pub fn backward(
         let (dx, dw) = direct::backward(isa, g, x, weight, &dy, plus, REDUCTION_CHUNK);
         return (Some(dx), Some(dw));
     }
+    if matches!(input, InputGradient::Skip) {
+        // The weight gradient alone: a gradient made on demand may stay image by image.
+        return (None, Some(weight_gradient(g, x, &dy)));
+    }
     let dy = dy.whole();
     let dy = &dy[..];
-    let dx = match input {
-        InputGradient::Skip => None,
-        InputGradient::Plain => Some(input_gradient(g, weight, dy, None)),
-        InputGradient::Plus(_) => Some(input_gradient(g, weight, dy, plus)),
-    };
-    let dw = want_weight.then(|| weight_gradient(g, x, dy));
-    (dx, dw)
+    let dx = input_gradient(g, weight, dy, plus);
+    let dw = want_weight.then(|| weight_gradient(g, x, &OutputGradient::Given(dy)));
+    (Some(dx), dw)
 }
 
 /// `dW = Σₙ dYₙ · colₙᵀ`.
@@ -659,12 +659,12 @@ pub fn backward(
 /// # Shapes
 /// - `x`: `[batch, in, h, w]`; `dy`: `[batch, out, out_h, out_w]`
 /// - returns `[out, in, k, k]`
-fn weight_gradient(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+fn weight_gradient(g: &ConvGeometry, x: &[f32], dy: &OutputGradient<'_>) -> Vec<f32> {
     match direct::Isa::chosen() {
         Some(isa) if direct::handles_weight_gradient(g) => {
             direct::weight_gradient(isa, g, x, dy, REDUCTION_CHUNK)
         }
-        _ => weight_gradient_im2col(g, x, dy),
+        _ => weight_gradient_im2col(g, x, &dy.whole()),
     }
 }
 
@@ -897,7 +897,8 @@ mod tests {
                 paths.push((
                     format!("direct {isa:?}"),
                     Box::new(move |g, x, dy| {
-                        direct::weight_gradient(isa, g, x, dy, REDUCTION_CHUNK)
+                        let dy = OutputGradient::Given(dy);
+                        direct::weight_gradient(isa, g, x, &dy, REDUCTION_CHUNK)
                     }),
                 ));
             }

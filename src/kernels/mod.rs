@@ -4,16 +4,17 @@
 //! tensors and, for `Autodiff<Flex>`, a hand-written backward node, so the rest of the model,
 //! the optimizers and autodiff stay burn's.
 //!
-//! [`conv2d`] and [`batch_norm`] are what the model calls. They run these kernels when the tensors
-//! live on the flex device and the model asked for [`Kernels::Fused`]; on any other device (wgpu)
-//! or with [`Kernels::Burn`] they run burn's own modules, the reference the tests compare against.
+//! [`conv2d`] and [`batch_norm`] (and the two as one op, below) are what the model calls. They run
+//! these kernels when the tensors live on the flex device and the model asked for
+//! [`Kernels::Fused`]; on any other device (wgpu) or with [`Kernels::Burn`] they run burn's own
+//! modules, the reference the tests compare against.
 //! [`shortcut`] is the downsampling blocks' option-A shortcut, by its own kernel under the same
 //! conditions. A residual block's input feeds two of these ops; a [`Fork`] lets the kernels add
 //! its two gradients themselves ([`conv2d_forked`]). [`conv_batch_norm`] and
 //! [`conv_batch_norm_add_relu`] run a convolution and the BatchNorm of its output as one op,
 //! with the same results, whose backward makes the normalization's input gradient image by image
-//! inside the convolution's ([`output_gradient`]) instead of through memory. [`inject_gradient`] is how the coupled client continues backpropagation from the server's
-//! gradient at the cut.
+//! inside the convolution's ([`output_gradient`]) instead of through memory. [`inject_gradient`]
+//! is how the coupled client continues backpropagation from the server's gradient at the cut.
 
 mod backend;
 pub mod batch_norm;

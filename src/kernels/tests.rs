@@ -254,13 +254,15 @@ fn injected_gradient_reaches_the_input_unchanged() {
 
 /// A convolution and the BatchNorm of its output in one op (whose backward makes the
 /// normalization's input gradient image by image inside the convolution's) give the bits of the
-/// two ops: outputs, every gradient and the running statistics. An identity residual block
-/// (forks on both sides; stride 1, the one-sweep backward: two chunks of images for two threads)
-/// and a stride-2 pair with a residual from elsewhere (its output gradient made whole first).
+/// two ops: outputs, every gradient and the running statistics. A stem on an untracked input
+/// (the weight gradient alone), an identity residual block (forks on both sides; stride 1, the
+/// one-sweep backward: two chunks of images for two threads) and a downsampling block (stride 2,
+/// its output gradient made whole first; the shortcut's fork).
 #[test]
 fn a_convolution_and_its_batch_norm_in_one_op_give_the_bits_of_two() {
     use super::{
         Fork, batch_norm_add_relu, conv_batch_norm, conv_batch_norm_add_relu, conv2d_forked,
+        shortcut,
     };
     let k = Kernels::Fused;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -274,43 +276,55 @@ fn a_convolution_and_its_batch_norm_in_one_op_give_the_bits_of_two() {
             .with_bias(false)
             .init(&device())
     };
-    let (c1, c2, c3) = (conv(8, 8, 1), conv(8, 8, 1), conv(8, 16, 2));
-    let x = random([32, 8, 8, 8]);
-    let r = random([32, 16, 4, 4]);
-    let (probe_block, probe_pair) = (random([32, 8, 8, 8]), random([32, 16, 4, 4]));
+    let convs = [
+        conv(3, 8, 1),
+        conv(8, 8, 1),
+        conv(8, 8, 1),
+        conv(8, 16, 2),
+        conv(16, 16, 1),
+    ];
+    let x = random([32, 3, 8, 8]);
+    let probe = random([32, 16, 4, 4]);
 
     let run = |fused: bool| {
         pool.install(|| {
-            let (bn1, bn2, bn3) = (norm(8), norm(8), norm(16));
-            let (x, r) = (x.clone().require_grad(), r.clone().require_grad());
-            let fork = Fork::new();
+            let norms = [norm(8), norm(8), norm(8), norm(16), norm(16)];
+            let ([c0, c1, c2, c3, c4], [n0, n1, n2, n3, n4]) = (&convs, &norms);
+            let stem = if fused {
+                conv_batch_norm(k, c0, x.clone(), None, n0, true)
+            } else {
+                batch_norm(k, n0, conv2d(k, c0, x.clone()), None, true)
+            };
+            let identity = Fork::new();
             let block = if fused {
-                let out = conv_batch_norm(k, &c1, x.clone(), Some(&fork), &bn1, true);
-                conv_batch_norm_add_relu(k, &c2, out, &bn2, x.clone(), Some(&fork))
+                let out = conv_batch_norm(k, c1, stem.clone(), Some(&identity), n1, true);
+                conv_batch_norm_add_relu(k, c2, out, n2, stem.clone(), Some(&identity))
             } else {
-                let out = conv2d_forked(k, &c1, x.clone(), &fork);
-                let out = batch_norm(k, &bn1, out, None, true);
-                batch_norm_add_relu(k, &bn2, conv2d(k, &c2, out), x.clone(), Some(&fork))
+                let out = conv2d_forked(k, c1, stem.clone(), &identity);
+                let out = batch_norm(k, n1, out, None, true);
+                let out = conv2d(k, c2, out);
+                batch_norm_add_relu(k, n2, out, stem.clone(), Some(&identity))
             };
-            let pair = if fused {
-                conv_batch_norm_add_relu(k, &c3, block.clone(), &bn3, r.clone(), None)
+            let down = Fork::new();
+            let short = shortcut(k, block.clone(), 2, 4, Some(&down));
+            let out = if fused {
+                let out = conv_batch_norm(k, c3, block.clone(), Some(&down), n3, true);
+                conv_batch_norm_add_relu(k, c4, out, n4, short, None)
             } else {
-                batch_norm_add_relu(k, &bn3, conv2d(k, &c3, block.clone()), r.clone(), None)
+                let out = conv2d_forked(k, c3, block.clone(), &down);
+                let out = batch_norm(k, n3, out, None, true);
+                batch_norm_add_relu(k, n4, conv2d(k, c4, out), short, None)
             };
-            let loss = (block.clone() * probe_block.clone()).sum()
-                + (pair.clone() * probe_pair.clone()).sum();
-            let grads = loss.backward();
-            let mut data = vec![block.into_data(), pair.into_data()];
-            data.push(x.grad(&grads).expect("dx").into_data());
-            data.push(r.grad(&grads).expect("d residual").into_data());
-            for c in [&c1, &c2, &c3] {
+            let grads = (out.clone() * probe.clone()).sum().backward();
+            let mut data = vec![stem.into_data(), block.into_data(), out.into_data()];
+            for c in &convs {
                 data.push(c.weight.grad(&grads).expect("dw").into_data());
             }
-            for bn in [&bn1, &bn2, &bn3] {
-                data.push(bn.gamma.grad(&grads).expect("dgamma").into_data());
-                data.push(bn.beta.grad(&grads).expect("dbeta").into_data());
-                data.push(bn.running_mean.value().into_data());
-                data.push(bn.running_var.value().into_data());
+            for n in &norms {
+                data.push(n.gamma.grad(&grads).expect("dgamma").into_data());
+                data.push(n.beta.grad(&grads).expect("dbeta").into_data());
+                data.push(n.running_mean.value().into_data());
+                data.push(n.running_var.value().into_data());
             }
             data
         })

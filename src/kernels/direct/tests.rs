@@ -260,7 +260,13 @@ fn every_instruction_set_gives_the_reference_weight_gradient_bits() {
         });
         for isa in tested_isas() {
             assert_eq!(
-                bits(&weight_gradient(isa, &g, &x, &dy, 16)),
+                bits(&weight_gradient(
+                    isa,
+                    &g,
+                    &x,
+                    &OutputGradient::Given(&dy),
+                    16
+                )),
                 want,
                 "{isa:?} {g:?}"
             );

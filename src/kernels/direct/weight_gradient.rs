@@ -5,7 +5,8 @@
 //!   output channels, the output gradient transposed image by image; [`backward`] also computes
 //!   the input gradient of each image while its output gradient is in cache (the adjoint of a
 //!   stride-1 "same" convolution is one, with the weights flipped in space and in/out swapped,
-//!   run by the forward tiles), so the output gradient is read from memory once.
+//!   run by the forward tiles), so the output gradient is read from memory once (or, made image
+//!   by image by the BatchNorm after the convolution, never: [`OutputGradient::Normalized`]).
 //! - **Stride 2** (output planes at least 16 wide; here): sixteen lane sums per weight over the
 //!   phase planes' grid, lane `l` taking grid positions `≡ l (mod 16)`, folded in halves
 //!   ([`fold_lanes`]); the output gradient laid out once per image ([`Layout::lay_gradient`]).
@@ -82,13 +83,13 @@ pub fn weight_gradient(
     isa: Isa,
     g: &ConvGeometry,
     x: &[f32],
-    dy: &[f32],
+    dy: &OutputGradient<'_>,
     chunk: usize,
 ) -> Vec<f32> {
     if chains::handles(g) {
-        return chains::sweep(isa, g, x, &OutputGradient::Given(dy), chunk, None);
+        return chains::sweep(isa, g, x, dy, chunk, None);
     }
-    lane_sums_in_groups(isa, g, x, dy, chunk, gradient_group(g, chunk))
+    lane_sums_in_groups(isa, g, x, &dy.whole(), chunk, gradient_group(g, chunk))
 }
 
 /// The backward pass of a stride-1 convolution ([`handles_backward`]) in one sweep: `(dx, dW)`,
